@@ -1,0 +1,1 @@
+"""Trainers and their configs (imported lazily from ``trl_intrinsic``)."""
