@@ -1,0 +1,256 @@
+"""Tiny, seeded, offline models for tests, examples and debugging.
+
+Every factory here builds real ``transformers`` / ``diffusers`` classes from small configs — no
+download, no hub id — so the result behaves exactly like a pretrained checkpoint of the same
+family: it runs the real forward, ``save_pretrained`` writes the usual files, and the normal
+``from_pretrained(local_dir)`` reloads it offline. The weights are random (seeded), so outputs
+are meaningless but deterministic.
+
+Tokenizers are built locally too. Each one has whole-word tokens for a small built-in word list
+(the words of GenEval-style prompts) and a character- or byte-level fallback, so any English
+prompt tokenizes without unknown tokens.
+
+Factories never touch the caller's random state: weights are drawn inside
+``torch.random.fork_rng``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["tiny_sd3_pipeline"]
+
+# Words that get a single token in every tokenizer built here: enough for toy-world and
+# GenEval-style prompts. Anything else falls back to characters or bytes.
+_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "and", "photo", "image", "picture", "with", "on", "in", "to", "is",
+    "left", "right", "above", "below", "top", "bottom", "next", "side",
+    "one", "two", "three", "four", "five", "six",
+    "red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "brown", "gray",
+    "circle", "circles", "square", "squares", "triangle", "triangles", "shape", "shapes",
+    "cat", "dog", "car", "tree", "house", "person", "background", "small", "large", "big",
+)  # fmt: skip
+
+# Printable ASCII: the character-level fallback of the sentencepiece-style tokenizers.
+_ASCII_CHARS: tuple[str, ...] = tuple(chr(c) for c in range(33, 127))
+_METASPACE = "▁"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator inside the block and restore the caller's state afterwards."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _merged_config(
+    defaults: dict[str, Any], overrides: dict[str, Any], cls: type, what: str
+) -> dict[str, Any]:
+    """``defaults`` updated with ``overrides``; unknown override names raise a ``TypeError``."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise TypeError(
+            f"Unknown {what} config override(s) {unknown}; valid names are the arguments of "
+            f"{cls.__name__}: {sorted(accepted)}."
+        )
+    return {**defaults, **overrides}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: one small builder per family, sharing the merge-table construction.
+# ----------------------------------------------------------------------------------------------
+
+
+def _word_merges(
+    words: Iterable[str], split: Callable[[str], list[str]]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """BPE merges that assemble each word left to right into a single token.
+
+    ``split(word)`` gives the word's initial symbols (which must already be in the vocabulary).
+    Returns the new tokens (merge results, in order) and the merges. Every merge result is in the
+    returned token list, so any merge order the BPE model applies yields known tokens.
+    """
+    tokens: list[str] = []
+    merges: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for word in words:
+        symbols = split(word)
+        left = symbols[0]
+        for right in symbols[1:]:
+            merged = left + right
+            if merged not in seen:
+                seen.add(merged)
+                tokens.append(merged)
+                merges.append((left, right))
+            left = merged
+    return tokens, merges
+
+
+def _clip_tokenizer(model_max_length: int = 77):
+    """A ``CLIPTokenizer``: byte-level alphabet (with and without ``</w>``) plus whole-word tokens."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words, merges = _word_merges(_WORDS, lambda w: [*w[:-1], w[-1] + "</w>"])
+    pieces = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet), *words]
+    return CLIPTokenizer(
+        vocab={piece: i for i, piece in enumerate(pieces)},
+        merges=merges,
+        model_max_length=model_max_length,
+    )
+
+
+def _t5_tokenizer():
+    """A ``T5Tokenizer`` (Unigram): whole words beat spelling them out, ASCII characters as fallback."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_METASPACE, -5.0)]
+    pieces += [(c, -10.0) for c in _ASCII_CHARS]
+    pieces += [(_METASPACE + c, -10.0) for c in _ASCII_CHARS]
+    pieces += [(_METASPACE + w, -1.0) for w in _WORDS if len(w) > 1]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _tiny_t5_encoder(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=projection_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusers pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_autoencoder_kl(latent_channels: int):
+    """An ``AutoencoderKL`` with one ×2 downsampling (vae_scale_factor 2) and identity latent scaling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        # Random latents are roughly unit-scale already; keep the SD3/Flux decode formula
+        # ``z / scaling_factor + shift_factor`` an identity rather than leave shift_factor=None.
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        mid_block_add_attention=False,
+    )
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = False, **overrides: Any):
+    """A tiny random ``StableDiffusion3Pipeline`` (about 0.2 M parameters) that runs at 32×32 px.
+
+    Components: ``SD3Transformer2DModel`` (2 layers, 4 heads × 8, patch 2 on 16×16×4 latents,
+    i.e. 64 image tokens), a tiny ``AutoencoderKL`` (×2 downsampling, ``scaling_factor=1``,
+    ``shift_factor=0``), two ``CLIPTextModelWithProjection`` (hidden 32, projection 32, so the
+    pooled embedding has 64 = 2 × 32 dims) with locally built ``CLIPTokenizer``s
+    (``model_max_length=77``), by default no T5 (``text_encoder_3=None``), and a
+    ``FlowMatchEulerDiscreteScheduler`` with ``shift=3.0``.
+
+    Without T5 the pipeline appends ``max_sequence_length`` (default 256) all-zero tokens to the
+    77 CLIP tokens; pass ``max_sequence_length=1`` (or any small number) to keep calls cheap. The
+    outputs are valid either way. diffusers does not record absent components as optional, so a
+    T5-less pipeline saved with ``save_pretrained`` reloads with
+    ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+
+    Args:
+        seed: seeds the weights; the caller's RNG state is left untouched.
+        with_t5: add a tiny ``T5EncoderModel`` (d_model = ``joint_attention_dim``) and a locally
+            built ``T5Tokenizer`` as the third text encoder, like the released SD3 checkpoints.
+        **overrides: ``SD3Transformer2DModel`` config values replacing the defaults, e.g.
+            ``num_layers=4``. ``joint_attention_dim`` must stay ≥ 64 (the two CLIP hidden states
+            are concatenated) and ``pooled_projection_dim`` must stay 64.
+
+    Returns:
+        A ``StableDiffusion3Pipeline`` in fp32 on CPU. ``pipe("a red circle", num_inference_steps=2,
+        height=32, width=32)`` returns 32×32 PIL images.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    config = _merged_config(
+        dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",
+        ),
+        overrides,
+        SD3Transformer2DModel,
+        "SD3Transformer2DModel",
+    )
+    with _seeded(seed):
+        tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
+        text_encoder = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer_2))
+        transformer = SD3Transformer2DModel(**config)
+        vae = _tiny_autoencoder_kl(latent_channels=config["in_channels"])
+        tokenizer_3 = _t5_tokenizer() if with_t5 else None
+        text_encoder_3 = _tiny_t5_encoder(tokenizer_3, config["joint_attention_dim"]) if with_t5 else None
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
