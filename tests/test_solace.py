@@ -340,3 +340,20 @@ def test_bad_inputs_raise():
         solace_reward(None, None, latents=z0, velocity_fn=lambda x, s, r: x[:, :1], train_sigmas=[0.5])
     with pytest.raises(ValueError, match="zero total weight"):
         SolaceReward(timestep_weighting="t(1-t)")(None, None, latents=z0, velocity_fn=vel, train_sigmas=[1.0])
+
+
+def test_paper_recipe_config_is_valid_yaml_and_builds_the_reward():
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "configs" / "solace_sd35m.yaml"
+    config = yaml.safe_load(path.read_text())
+    assert config["model_name_or_path"] == "stabilityai/stable-diffusion-3.5-medium"
+    assert (config["num_generations"], config["solace_num_probes"], config["resolution"]) == (16, 8, 512)
+    assert (config["lora_r"], config["lora_alpha"], config["num_inference_steps"]) == (32, 64, 10)
+    assert (config["learning_rate"], config["beta"], config["guidance_scale"]) == (3e-4, 0.04, 7.0)
+    assert config["timestep_fraction"] == 0.6 and config["reward_funcs"] == ["solace_reward"]
+    options = {k.removeprefix("solace_"): v for k, v in config.items() if k.startswith("solace_")}
+    reward = SolaceReward(**options)
+    assert repr(reward) == repr(solace_reward)
