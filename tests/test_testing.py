@@ -111,3 +111,150 @@ def test_clip_tokenizer_covers_any_english_prompt():
         # Known words are single tokens, so GenEval-style prompts stay far below the 77-token limit.
         assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
         assert tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 77
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal LM
+# ----------------------------------------------------------------------------------------------
+
+
+def _lm_generate(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    return model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0)
+
+
+def test_causal_lm_generates_and_chats():
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model, tokenizer = testing.tiny_causal_lm()
+    assert isinstance(model, LlamaForCausalLM) and isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    ids = tokenizer(ODD_PROMPT).input_ids
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == ODD_PROMPT
+    out = _lm_generate(model, tokenizer, [PROMPT, "hi"])
+    assert out.shape[0] == 2 and out.shape[1] > len(tokenizer(PROMPT).input_ids)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s><|system|>\nBe brief.</s>\n<|user|>\n" + PROMPT) and text.endswith(
+        "<|assistant|>\n"
+    )
+    chat = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    assert chat["input_ids"][0, 0] == tokenizer.bos_token_id
+    assert (chat["input_ids"] == tokenizer.bos_token_id).sum() == 1  # the template's BOS is not doubled
+    assert model(**chat).logits.shape == (*chat["input_ids"].shape, len(tokenizer))
+
+
+def test_causal_lm_is_seeded_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    state = torch.random.get_rng_state()
+    (a, tokenizer), (b, _), (c, _) = (
+        testing.tiny_causal_lm(0),
+        testing.tiny_causal_lm(0),
+        testing.tiny_causal_lm(1),
+    )
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert _same_weights([a.state_dict()], [b.state_dict()])
+    assert not _same_weights([a.state_dict()], [c.state_dict()])
+
+    a.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tmp_path),
+        AutoTokenizer.from_pretrained(tmp_path),
+    )
+    assert _same_weights([a.state_dict()], [reloaded.state_dict()])
+    assert reloaded_tokenizer(ODD_PROMPT).input_ids == tokenizer(ODD_PROMPT).input_ids
+    assert reloaded_tokenizer.chat_template == tokenizer.chat_template
+    assert torch.equal(
+        _lm_generate(a, tokenizer, [PROMPT]), _lm_generate(reloaded, reloaded_tokenizer, [PROMPT])
+    )
+
+
+def test_causal_lm_overrides():
+    model, _ = testing.tiny_causal_lm(num_hidden_layers=3)
+    assert len(model.model.layers) == 3
+    with pytest.raises(TypeError, match="hiden_size"):
+        testing.tiny_causal_lm(hiden_size=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Janus
+# ----------------------------------------------------------------------------------------------
+
+
+def _janus_image_tokens(model, processor, prompts: list[str]) -> torch.Tensor:
+    inputs = processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    return model.generate(**inputs, generation_mode="image", guidance_scale=4.0, do_sample=True)
+
+
+def test_janus_generates_images_and_text():
+    from PIL import Image
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    model, processor = testing.tiny_janus()
+    assert isinstance(model, JanusForConditionalGeneration) and isinstance(processor, JanusProcessor)
+    tokenizer = processor.tokenizer
+    assert model.generation_config.generation_kwargs["boi_token_id"] == tokenizer.boi_token_id
+    assert model.config.image_token_id == tokenizer.image_token_id
+
+    inputs = processor(text=[PROMPT, "a cat"], generation_mode="image", padding=True, return_tensors="pt")
+    assert (inputs["input_ids"][:, -1] == tokenizer.boi_token_id).all()
+    tokens = _janus_image_tokens(model, processor, [PROMPT, "a cat"])
+    num_codes = model.config.vq_config.num_embeddings
+    assert tokens.shape == (2, 16) and tokens.min() >= 0 and tokens.max() < num_codes
+    pixels = model.decode_image_tokens(tokens)
+    assert pixels.shape == (2, 32, 32, 3) and torch.isfinite(pixels).all()
+
+    text_inputs = processor(text=[PROMPT], return_tensors="pt")
+    assert text_inputs["input_ids"][0, 0] == tokenizer.bos_token_id
+    text_out = model.generate(**text_inputs, max_new_tokens=5, do_sample=False)
+    assert text_out.shape[0] == 1 and text_out.shape[1] > text_inputs["input_ids"].shape[1]
+    assert torch.equal(text_out[:, : text_inputs["input_ids"].shape[1]], text_inputs["input_ids"])
+
+    # Understanding: an image placeholder is expanded to 16 image tokens and the image is encoded.
+    image = Image.new("RGB", (40, 24), (255, 0, 0))
+    und = processor(text=["<image_placeholder> what is this?"], images=[image], return_tensors="pt")
+    assert und["pixel_values"].shape == (1, 3, 64, 64)
+    assert (und["input_ids"] == tokenizer.image_token_id).sum() == 16
+    assert model(**und).logits.shape[-1] == len(tokenizer)
+
+
+def test_janus_is_seeded_and_reloads(tmp_path):
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    state = torch.random.get_rng_state()
+    (a, processor), (b, _), (c, _) = testing.tiny_janus(0), testing.tiny_janus(0), testing.tiny_janus(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert _same_weights([a.state_dict()], [b.state_dict()])
+    assert not _same_weights([a.state_dict()], [c.state_dict()])
+    expected = _janus_image_tokens(a, processor, [PROMPT])
+    assert not torch.equal(expected, _janus_image_tokens(c, processor, [PROMPT]))
+
+    a.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = JanusForConditionalGeneration.from_pretrained(tmp_path)
+    reloaded_processor = JanusProcessor.from_pretrained(tmp_path)
+    assert _same_weights([a.state_dict()], [reloaded.state_dict()])
+    assert reloaded_processor.num_image_tokens == 16
+    assert reloaded_processor.image_processor.size.height == 64
+    restored = testing.restore_janus_generation_config(reloaded, reloaded_processor)
+    assert restored is reloaded
+    assert reloaded.generation_config.generation_kwargs == {"boi_token_id": processor.tokenizer.boi_token_id}
+    assert torch.equal(expected, _janus_image_tokens(reloaded, reloaded_processor, [PROMPT]))
+    torch.testing.assert_close(a.decode_image_tokens(expected), reloaded.decode_image_tokens(expected))
+
+
+def test_restore_janus_generation_config_needs_a_janus_tokenizer():
+    model, _ = testing.tiny_janus()
+    _, llama_tokenizer = testing.tiny_causal_lm()
+    with pytest.raises(ValueError, match="boi_token"):
+        testing.restore_janus_generation_config(model, llama_tokenizer)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_sd3_pipeline"]
+__all__ = ["restore_janus_generation_config", "tiny_causal_lm", "tiny_janus", "tiny_sd3_pipeline"]
 
 # Words that get a single token in every tokenizer built here: enough for toy-world and
 # GenEval-style prompts. Anything else falls back to characters or bytes.
@@ -140,6 +140,56 @@ def _tiny_t5_encoder(tokenizer, d_model: int):
     return T5EncoderModel(config).eval()
 
 
+def _metaspace_bpe_vocab(special_tokens: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a sentencepiece-style BPE with byte fallback (Llama, Gemma).
+
+    Layout: special tokens, the 256 byte tokens ``<0x00>``…``<0xFF>``, ``▁``, printable ASCII, then
+    the ``▁word`` tokens of the built-in word list.
+    """
+    words, merges = _word_merges(_WORDS, lambda w: [_METASPACE, *w])
+    bytes_ = (f"<0x{b:02X}>" for b in range(256))
+    pieces = [*dict.fromkeys(special_tokens), *bytes_, _METASPACE, *_ASCII_CHARS, *words]
+    return {piece: i for i, piece in enumerate(pieces)}, merges
+
+
+def _llama_tokenizer(chat_template: str | None = None, **named_special_tokens: str):
+    """A ``LlamaTokenizer`` (fast, byte fallback) that prepends BOS; ``<pad>`` is the padding token.
+
+    ``named_special_tokens`` (e.g. ``image_token="<image_placeholder>"``) become attributes of the
+    tokenizer and single, never-split tokens.
+    """
+    from transformers import LlamaTokenizer
+
+    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    vocab, merges = _metaspace_bpe_vocab([*specials.values(), *named_special_tokens.values()])
+    return LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        add_bos_token=True,
+        chat_template=chat_template,
+        **specials,
+        **named_special_tokens,
+    )
+
+
+def _tiny_llama_config(tokenizer, hidden_size: int, **kwargs: Any):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
 def _tiny_clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
     from transformers import CLIPTextConfig
 
@@ -254,3 +304,140 @@ def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = False, **overrides: Any)
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformers models
+# ----------------------------------------------------------------------------------------------
+
+# A minimal role-tagged chat format: ``<s><|user|>\n…</s>\n<|assistant|>\n…</s>\n``.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def tiny_causal_lm(seed: int = 0, **overrides: Any):
+    """A tiny random ``LlamaForCausalLM`` (about 50 k parameters) and its fast tokenizer.
+
+    The tokenizer (about 540 tokens: whole words for a small built-in list, ASCII characters and
+    a byte fallback, so any text round-trips) prepends BOS, pads with ``<pad>`` and has a chat
+    template with ``system``/``user``/``assistant`` roles, so TRL's ``GRPOTrainer`` accepts both
+    standard and conversational prompts.
+
+    Args:
+        seed: seeds the weights; the caller's RNG state is left untouched.
+        **overrides: ``LlamaConfig`` values replacing the defaults (hidden 32, 2 layers, 4 heads,
+            2 key/value heads), e.g. ``num_hidden_layers=4``.
+
+    Returns:
+        ``(model, tokenizer)``: a ``LlamaForCausalLM`` in fp32 whose ``generation_config`` carries the
+        tokenizer's BOS/EOS/PAD ids, and a ``PreTrainedTokenizerFast`` (``LlamaTokenizer``).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    roles = {f"{r}_role_token": f"<|{r}|>" for r in ("system", "user", "assistant")}
+    tokenizer = _llama_tokenizer(chat_template=_CHAT_TEMPLATE, **roles)
+    config = _tiny_llama_config(tokenizer, hidden_size=32)
+    config = LlamaConfig(**_merged_config(config.to_dict(), overrides, LlamaConfig, "LlamaConfig"))
+    with _seeded(seed):
+        model = LlamaForCausalLM(config)
+    _set_special_token_ids(model.generation_config, tokenizer)
+    return model, tokenizer
+
+
+def _set_special_token_ids(generation_config, tokenizer) -> None:
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def restore_janus_generation_config(model, processor):
+    """Set the token ids Janus image generation reads from ``model.generation_config``.
+
+    ``JanusForConditionalGeneration.generate(generation_mode="image")`` needs
+    ``generation_config.generation_kwargs["boi_token_id"]`` (and BOS/PAD for the unconditional
+    CFG branch), and ``save_pretrained`` does not write ``generation_kwargs``: call this after
+    every ``from_pretrained`` of a Janus model. Works for any tokenizer with ``boi_token``
+    (the real Janus-Pro tokenizers have it). Returns ``model``.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    boi_token = getattr(tokenizer, "boi_token", None)
+    if boi_token is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no `boi_token`; pass the JanusProcessor (or its tokenizer) "
+            "that belongs to this model."
+        )
+    config = model.generation_config
+    _set_special_token_ids(config, tokenizer)
+    generation_kwargs = getattr(config, "generation_kwargs", None) or {}
+    config.generation_kwargs = {**generation_kwargs, "boi_token_id": tokenizer.boi_token_id}
+    return model
+
+
+def tiny_janus(seed: int = 0):
+    """A tiny random ``JanusForConditionalGeneration`` (about 0.56 M parameters) and its ``JanusProcessor``.
+
+    * language model: Llama, hidden 64, 2 layers; vocabulary of about 540 tokens (see
+      :func:`tiny_causal_lm`) plus ``<image_placeholder>``, ``<begin_of_image>``, ``<end_of_image>``;
+    * understanding: SigLIP-style vision tower on 64×64 px images, patch 16 → 16 image tokens;
+    * generation: ``JanusVQVAE`` with 64 codes (``embed_dim=8``), 16 image tokens per image on a
+      4×4 grid decoded to 32×32 px (three ×2 upsamplings), generation head over the 64 codes;
+    * processor: ``JanusImageProcessorPil`` (no torchvision needed) at 64 px and
+      ``num_image_tokens=16``.
+
+    ``model.generation_config`` is ready for both modes (see
+    :func:`restore_janus_generation_config`, which must be called again after a reload).
+    ``model.generate(**processor(text=[...], generation_mode="image"), generation_mode="image",
+    guidance_scale=…, do_sample=True)`` returns ``(B, 16)`` image tokens;
+    ``model.decode_image_tokens(tokens)`` returns ``(B, 32, 32, 3)`` channels-last pixels, nominally
+    in [-1, 1] (random weights overshoot). Convert them to images yourself:
+    ``JanusImageProcessorPil.postprocess`` expects channels-first input and fails on them.
+
+    Args:
+        seed: seeds the weights; the caller's RNG state is left untouched.
+
+    Returns:
+        ``(model, processor)`` in fp32.
+    """
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    tokenizer = _llama_tokenizer(
+        image_token="<image_placeholder>", boi_token="<begin_of_image>", eoi_token="<end_of_image>"
+    )
+    text_hidden, image_size, patch_size = 64, 64, 16
+    num_image_tokens = (image_size // patch_size) ** 2
+    config = JanusConfig(
+        text_config=_tiny_llama_config(tokenizer, hidden_size=text_hidden).to_dict(),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+            mlp_ratio=2.0,
+            projection_dim=text_hidden,
+            num_image_tokens=num_image_tokens,
+        ),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=64,
+            latent_channels=32,
+            base_channels=32,  # GroupNorm uses 32 groups
+            channel_multiplier=[1, 1, 1, 1],  # 3 downsamplings: 32 px <-> 4×4 tokens
+            num_res_blocks=1,
+            projection_dim=text_hidden,
+            image_token_embed_dim=text_hidden,
+        ),
+        image_token_id=tokenizer.image_token_id,
+    )
+    image_processor = JanusImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = JanusProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens
+    )
+    with _seeded(seed):
+        model = JanusForConditionalGeneration(config)
+    restore_janus_generation_config(model, processor)
+    return model, processor
