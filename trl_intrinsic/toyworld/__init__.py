@@ -1,0 +1,48 @@
+"""The toy world: a synthetic shapes domain that stands in for GenEval on a CPU.
+
+Light on purpose: importing it needs numpy, PIL and scipy only.
+"""
+
+from trl_intrinsic.toyworld.render import render
+from trl_intrinsic.toyworld.reward import make_verifier_reward, verifier_reward, verifier_reward_partial
+from trl_intrinsic.toyworld.scenes import (
+    HELD_OUT_COUNTS,
+    HELD_OUT_PAIRS,
+    HELD_OUT_POSITIONS,
+    HELD_OUT_SHAPE_ORDERS,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    TAGS,
+    TEST_TAGS,
+    held_out_compositions,
+    normalize_metadata,
+    prompt_space,
+    sample_metadata,
+)
+from trl_intrinsic.toyworld.verify import DetectedObject, VerifyResult, detect_objects, evaluate, verify
+
+__all__ = [
+    "HELD_OUT_COUNTS",
+    "HELD_OUT_PAIRS",
+    "HELD_OUT_POSITIONS",
+    "HELD_OUT_SHAPE_ORDERS",
+    "PALETTE",
+    "RELATIONS",
+    "SHAPES",
+    "TAGS",
+    "TEST_TAGS",
+    "DetectedObject",
+    "VerifyResult",
+    "detect_objects",
+    "evaluate",
+    "held_out_compositions",
+    "make_verifier_reward",
+    "normalize_metadata",
+    "prompt_space",
+    "render",
+    "sample_metadata",
+    "verifier_reward",
+    "verifier_reward_partial",
+    "verify",
+]
