@@ -120,3 +120,64 @@ def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std_dev: torch.
     """
     kl = (mean - ref_mean) ** 2 / (2 * std_dev**2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))
+
+
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def combine_rewards(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    scale_rewards: str | bool = "group",
+    aggregation: str = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages from several rewards, with TRL's two aggregation modes.
+
+    ``"sum_then_normalize"``: the weighted sum of the rewards (NaN entries skipped) is normalised per
+    group with ``scale_rewards``. ``"normalize_then_sum"`` (the SOLACE authors' hybrid mode, GDPO):
+    each reward is first normalised within its groups, so rewards of different scales contribute
+    alike, then the weighted sum is standardised over the batch.
+
+    Args:
+        rewards_per_func: (N, F) rewards of the gathered batch; NaN where a reward returned None.
+        weights: (F,) reward weights.
+        group_ids: (N,) prompt-group ids.
+
+    Returns:
+        ``(advantages (N,), rewards (N,))``: advantages are 0 where every reward is NaN; ``rewards`` is
+        the weighted sum of the raw rewards (NaN where every reward is NaN), for logging.
+    """
+    if rewards_per_func.ndim != 2 or rewards_per_func.shape[1] != weights.shape[0]:
+        raise ValueError(
+            f"`rewards_per_func` must be (N, {weights.shape[0]}), got {tuple(rewards_per_func.shape)}."
+        )
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"`multi_objective_aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    unscored = torch.isnan(rewards_per_func).all(dim=1)
+    weights = weights.to(rewards_per_func)
+    rewards = (rewards_per_func * weights).nansum(dim=1)
+    rewards[unscored] = torch.nan
+    if aggregation == "sum_then_normalize":
+        advantages = group_advantages(rewards, group_ids, scale_rewards=scale_rewards, eps=eps)
+    else:
+        per_func = torch.stack(
+            [
+                torch.where(
+                    torch.isnan(column),
+                    torch.full_like(column, torch.nan),
+                    group_advantages(column, group_ids, scale_rewards="group", eps=eps),
+                )
+                for column in rewards_per_func.T
+            ],
+            dim=1,
+        )
+        summed = (per_func * weights).nansum(dim=1)
+        summed[unscored] = torch.nan
+        valid = ~unscored
+        mean = summed[valid].mean() if valid.any() else summed.new_zeros(())
+        std = summed[valid].std(unbiased=False) if valid.sum() > 1 else summed.new_zeros(())
+        advantages = torch.where(valid, (summed - mean) / (std + eps), torch.zeros_like(summed))
+    return torch.nan_to_num(advantages, nan=0.0), rewards
