@@ -258,3 +258,67 @@ def test_restore_janus_generation_config_needs_a_janus_tokenizer():
     _, llama_tokenizer = testing.tiny_causal_lm()
     with pytest.raises(ValueError, match="boi_token"):
         testing.restore_janus_generation_config(model, llama_tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux
+# ----------------------------------------------------------------------------------------------
+
+
+def _flux_modules(pipe) -> list[torch.nn.Module]:
+    return [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+
+
+def _flux_call(pipe, prompt: str = PROMPT, **kwargs) -> np.ndarray:
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
+
+
+def test_flux_pipeline_generates_pil_images():
+    from diffusers import FluxPipeline
+
+    pipe = testing.tiny_flux_pipeline()
+    assert isinstance(pipe, FluxPipeline)
+    images = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=16).images
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert pipe.vae.config.latent_channels * 4 == pipe.transformer.config.in_channels == 64
+    assert pipe.scheduler.config.use_dynamic_shifting
+    # Guidance is embedded (FLUX.1-dev style), so the guidance scale changes the output.
+    assert pipe.transformer.config.guidance_embeds
+    assert not np.array_equal(_flux_call(pipe, guidance_scale=1.0), _flux_call(pipe, guidance_scale=7.0))
+    # The T5 prompt conditions the output, and T5 tokenizes any English without unknown tokens.
+    assert not np.array_equal(_flux_call(pipe), _flux_call(pipe, prompt_2="three green triangles"))
+    ids = pipe.tokenizer_2(ODD_PROMPT).input_ids
+    assert pipe.tokenizer_2.unk_token_id not in ids and ids[-1] == pipe.tokenizer_2.eos_token_id
+    assert pipe.tokenizer_2.decode(ids, skip_special_tokens=True) == ODD_PROMPT
+    assert len(pipe.tokenizer_2(PROMPT).input_ids) == len(PROMPT.split()) + 1  # known words: one token each
+
+    schnell = testing.tiny_flux_pipeline(guidance_embeds=False)
+    assert _flux_call(schnell).shape == (1, 32, 32, 3)
+
+
+def test_flux_pipeline_is_seeded_and_reloads(tmp_path):
+    from diffusers import FluxPipeline
+
+    state = torch.random.get_rng_state()
+    a, b, c = testing.tiny_flux_pipeline(0), testing.tiny_flux_pipeline(0), testing.tiny_flux_pipeline(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert _same_weights(_state_dicts(*_flux_modules(a)), _state_dicts(*_flux_modules(b)))
+    for ma, mc in zip(_flux_modules(a), _flux_modules(c)):
+        assert not _same_weights([ma.state_dict()], [mc.state_dict()]), type(ma).__name__
+    expected = _flux_call(a)
+    assert not np.array_equal(expected, _flux_call(c))
+
+    a.save_pretrained(tmp_path)
+    reloaded = FluxPipeline.from_pretrained(tmp_path)
+    assert _same_weights(_state_dicts(*_flux_modules(a)), _state_dicts(*_flux_modules(reloaded)))
+    assert reloaded.tokenizer_2(ODD_PROMPT).input_ids == a.tokenizer_2(ODD_PROMPT).input_ids
+    np.testing.assert_array_equal(expected, _flux_call(reloaded))

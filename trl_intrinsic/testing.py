@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["restore_janus_generation_config", "tiny_causal_lm", "tiny_janus", "tiny_sd3_pipeline"]
+__all__ = [
+    "restore_janus_generation_config",
+    "tiny_causal_lm",
+    "tiny_flux_pipeline",
+    "tiny_janus",
+    "tiny_sd3_pipeline",
+]
 
 # Words that get a single token in every tokenizer built here: enough for toy-world and
 # GenEval-style prompts. Anything else falls back to characters or bytes.
@@ -303,6 +309,75 @@ def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = False, **overrides: Any)
         tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, **overrides: Any):
+    """A tiny random ``FluxPipeline`` that runs at 32×32 px.
+
+    Components: ``FluxTransformer2DModel`` (1 double-stream + 1 single-stream block, 4 heads × 8,
+    RoPE axes (2, 2, 4)) on 16-channel latents packed 2×2 into 64-channel tokens (64 tokens at
+    32 px), a tiny ``AutoencoderKL`` with 16 latent channels (×2 downsampling, ``scaling_factor=1``,
+    ``shift_factor=0``), a ``CLIPTextModel`` (hidden 32 = ``pooled_projection_dim``) with a locally
+    built ``CLIPTokenizer``, a ``T5EncoderModel`` (d_model 32 = ``joint_attention_dim``) with a
+    locally built ``T5Tokenizer``, and a ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's
+    resolution-dependent shift (``use_dynamic_shifting=True``, base/max shift 0.5/1.15).
+
+    Args:
+        seed: seeds the weights; the caller's RNG state is left untouched.
+        guidance_embeds: embed the guidance scale like FLUX.1-dev (``True``) or not, like
+            FLUX.1-schnell (``False``).
+        **overrides: ``FluxTransformer2DModel`` config values replacing the defaults. Keep
+            ``sum(axes_dims_rope) == attention_head_dim``.
+
+    Returns:
+        A ``FluxPipeline`` in fp32. ``pipe("a red circle", num_inference_steps=2, height=32,
+        width=32, max_sequence_length=16)`` returns 32×32 PIL images.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    config = _merged_config(
+        dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        overrides,
+        FluxTransformer2DModel,
+        "FluxTransformer2DModel",
+    )
+    with _seeded(seed):
+        tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+        clip_config = _tiny_clip_text_config(tokenizer, hidden_size=config["pooled_projection_dim"])
+        text_encoder = CLIPTextModel(clip_config).eval()
+        text_encoder_2 = _tiny_t5_encoder(tokenizer_2, d_model=config["joint_attention_dim"])
+        transformer = FluxTransformer2DModel(**config)
+        vae = _tiny_autoencoder_kl(latent_channels=config["in_channels"] // 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
 
 
