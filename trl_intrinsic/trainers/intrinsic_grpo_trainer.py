@@ -19,9 +19,13 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOTrainer
+from trl.trainer.utils import nanstd, use_adapter
 
+from trl_intrinsic.autoregressive import janus as janus_ops
 from trl_intrinsic.rewards.self_certainty import self_certainty
+from trl_intrinsic.trainers.grpo_math import group_advantages
 from trl_intrinsic.trainers.intrinsic_grpo_config import IntrinsicGRPOConfig
 
 __all__ = ["IntrinsicGRPOTrainer"]
@@ -103,8 +107,14 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
                 "`use_vllm` and `use_transformers_continuous_batching` must be False for IntrinsicGRPOTrainer: "
                 "these backends do not expose the full next-token logits that self-certainty needs."
             )
+        model = _load_janus_if_named(model, args)
+        self.is_janus = _is_janus(model)
+        if self.is_janus:
+            kwargs["peft_config"] = _prepare_janus(model, args, kwargs.get("peft_config"))
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._pending_self_certainty: list[torch.Tensor] = []
+        if self.is_janus:
+            self._init_janus()
 
     # ------------------------------------------------------------------------------------------------------
     # Text LMs: catch the generation logits.
@@ -154,3 +164,349 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["self_certainty/mean"].append(gathered.mean().item())
         self._log_completion_extra("self_certainty", means)
         return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+
+    # ------------------------------------------------------------------------------------------------------
+    # Janus-Pro (IRIS): CoT + image tokens, one GRPO objective.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _janus(self):
+        """The ``JanusForConditionalGeneration`` inside the trainer's wrappers (LoRA layers stay active)."""
+        return self._logits_module()
+
+    def _init_janus(self) -> None:
+        tokenizer = self._tokenizer
+        janus = self._janus()
+        self._boi_token_id = tokenizer.convert_tokens_to_ids(tokenizer.boi_token)
+        # `generation_kwargs` (with `boi_token_id`) is not saved by `save_pretrained`: restore it.
+        generation_kwargs = dict(getattr(janus.generation_config, "generation_kwargs", None) or {})
+        generation_kwargs.setdefault("boi_token_id", self._boi_token_id)
+        janus.generation_config.generation_kwargs = generation_kwargs
+        self._bos_token_id = tokenizer.bos_token_id
+        if self._bos_token_id is None:
+            raise ValueError("The Janus tokenizer has no `bos_token`; Janus prompts must start with BOS.")
+        self.num_image_tokens = janus_ops.janus_num_image_tokens(janus)
+        self._sampling_generator = torch.Generator(device=self.accelerator.device)
+        self._sampling_generator.manual_seed(self.args.seed + self.accelerator.process_index)
+
+    def _janus_prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the chat-formatted request (the CoT request, or the prompt itself without CoT)."""
+        text = self.args.cot_template.format(prompt=prompt) if self.args.use_cot else prompt
+        conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        ids = self.processing_class.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        ids = [int(i) for i in (ids[0] if isinstance(ids[0], (list, torch.Tensor)) else ids)]
+        return ids if ids and ids[0] == self._bos_token_id else [self._bos_token_id, *ids]
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :] = torch.tensor(r, device=device)
+                mask[i, width - len(r) :] = 1
+        return ids, mask
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.is_janus:
+            return super()._generate_and_score_completions(inputs)
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        prompts = [_prompt_text(x["prompt"]) for x in inputs]
+        janus = self._janus()
+        pad_id = self._tokenizer.pad_token_id
+
+        # 1. Rollout: CoT (text head), then image tokens (generation head, CFG), self-certainty from both loops.
+        prompt_rows = [self._janus_prompt_ids(p) for p in prompts]
+        prompt_ids, prompt_mask = self._left_pad(prompt_rows)
+        batch = len(prompts)
+        if args.use_cot:
+            cot = janus_ops.sample_cot(
+                janus,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=args.max_completion_length,
+                temperature=args.temperature,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=pad_id,
+                chunk_size=args.self_certainty_chunk_size,
+                generator=self._sampling_generator,
+            )
+            cot_rows = [row[m.bool()].tolist() for row, m in zip(cot.ids, cot.mask)]
+            sc_text_rows = [row[m.bool()] for row, m in zip(cot.self_certainty, cot.mask)]
+        else:
+            cot_rows = [[] for _ in range(batch)]
+            sc_text_rows = [torch.zeros(0, device=device) for _ in range(batch)]
+        prefix_ids, prefix_mask = self._left_pad(
+            [p + c + [self._boi_token_id] for p, c in zip(prompt_rows, cot_rows)]
+        )
+        image = janus_ops.sample_image_tokens(
+            janus,
+            prefix_ids,
+            prefix_mask,
+            num_image_tokens=self.num_image_tokens,
+            cfg_weight=args.cfg_weight,
+            temperature=args.image_temperature,
+            bos_token_id=self._bos_token_id,
+            boi_token_id=self._boi_token_id,
+            pad_token_id=pad_id,
+            chunk_size=args.self_certainty_chunk_size,
+            generator=self._sampling_generator,
+        )
+        images = janus_ops.decode_images(janus, image.ids)
+
+        # 2. Training layout: prompt (left-padded) | CoT, BOI, image tokens (right-padded). BOI is a template
+        # token: attended, never trained (tool_mask = 0); mm_token_type_ids = 1 marks image tokens.
+        completion_rows = [[*c, self._boi_token_id, *ids] for c, ids in zip(cot_rows, image.ids.tolist())]
+        width = max(len(r) for r in completion_rows)
+        completion_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        completion_mask = torch.zeros_like(completion_ids)
+        tool_mask = torch.zeros_like(completion_ids)
+        image_type = torch.zeros_like(completion_ids)
+        for i, (row, c) in enumerate(zip(completion_rows, cot_rows)):
+            completion_ids[i, : len(row)] = torch.tensor(row, device=device)
+            completion_mask[i, : len(row)] = 1
+            tool_mask[i, : len(c)] = 1
+            tool_mask[i, len(c) + 1 : len(row)] = 1
+            image_type[i, len(c) + 1 : len(row)] = 1
+        mm_token_type_ids = torch.cat([torch.zeros_like(prompt_ids), image_type], dim=1)
+        loss_mask = completion_mask * tool_mask
+        num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()
+
+        # 3. Self-certainty per completion: mean over CoT and image tokens together, and over each part.
+        sc_text = [float(v.mean()) if v.numel() else float("nan") for v in sc_text_rows]
+        sc_image = image.self_certainty.mean(dim=1).tolist()
+        sc_all = [float(torch.cat([t, im]).mean()) for t, im in zip(sc_text_rows, image.self_certainty)]
+        cot_text = self._tokenizer.batch_decode(cot_rows, skip_special_tokens=True)
+        for i, x in enumerate(inputs):
+            x["cot"] = cot_text[i]
+            x["self_certainty"] = sc_all[i]
+            x["self_certainty_text"] = sc_text[i]
+            x["self_certainty_image"] = sc_image[i]
+
+        # 4. Log-probs of the sampling policy (when it may differ from the optimised one) and of the reference.
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+        logp_kwargs = dict(batch_size=batch_size, mm_token_type_ids=mm_token_type_ids)
+        with torch.no_grad():
+            old_per_token_logps = None
+            if args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) != 0:
+                old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, width, **logp_kwargs
+                )
+            ref_per_token_logps = None
+            if self.beta != 0.0:
+                if self.ref_model is not None:
+                    ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+                        self.ref_model, input_ids, attention_mask, width, **logp_kwargs
+                    )
+                else:
+                    unwrapped = self.accelerator.unwrap_model(self.model)
+                    with use_adapter(
+                        unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
+                    ):
+                        ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+                            self.model, input_ids, attention_mask, width, **logp_kwargs
+                        )
+
+        # 5. Rewards, gathered over processes, and group advantages.
+        image_token_lists = image.ids.tolist()
+        rewards_per_func = self._calculate_rewards(inputs, prompts, images, image_token_lists)
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(device)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * weights[None]).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        group_ids = torch.arange(rewards.numel(), device=device) // num_generations
+        all_advantages = group_advantages(rewards, group_ids, scale_rewards=self.scale_rewards)
+        process_slice = slice(
+            self.accelerator.process_index * batch, (self.accelerator.process_index + 1) * batch
+        )
+        advantages = all_advantages[process_slice]
+
+        # 6. Metrics and the completions table (prompt, CoT, image, rewards, self-certainty).
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        for key, values in (
+            ("self_certainty/mean", sc_all),
+            ("self_certainty/text", sc_text),
+            ("self_certainty/image", sc_image),
+        ):
+            gathered = self.accelerator.gather(torch.tensor(values, device=device))
+            metrics[key].append(torch.nanmean(gathered).item())
+        lengths = self.accelerator.gather(torch.tensor([len(c) for c in cot_rows], device=device)).float()
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        if mode == "train":
+            self.state.num_input_tokens_seen += self.accelerator.gather(attention_mask.sum()).sum().item()
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(cot_text))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(all_advantages.tolist())
+        for column, values in (("self_certainty", sc_all), ("self_certainty_image", sc_image)):
+            self._logs["extra"][column].extend(gather_object(values))
+        for column, values in sorted(self._pending_extra_logs.items()):
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        if self.log_multimodal:
+            self._logs["images"].extend(gather_object([[im] for im in images]))
+
+        output = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "tool_mask": tool_mask,
+            "mm_token_type_ids": mm_token_type_ids,
+            "advantages": advantages,
+            "num_items_in_batch": num_items_in_batch,
+        }
+        if old_per_token_logps is not None:
+            output["old_per_token_logps"] = old_per_token_logps
+        if ref_per_token_logps is not None:
+            output["ref_per_token_logps"] = ref_per_token_logps
+        return output
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        mm_token_type_ids=None,
+        **kwargs,
+    ):
+        if not self.is_janus:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                mm_token_type_ids=mm_token_type_ids,
+                **kwargs,
+            )
+        if mm_token_type_ids is None:
+            raise ValueError("Janus log-probs need `mm_token_type_ids` marking the image tokens.")
+        unwrapped = self.accelerator.unwrap_model(model)
+        janus = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                lp, ent = janus_ops.janus_completion_logps(
+                    janus,
+                    input_ids[rows],
+                    attention_mask[rows],
+                    mm_token_type_ids[rows],
+                    logits_to_keep,
+                    compute_entropy=compute_entropy,
+                )
+            logps.append(lp)
+            entropies.append(ent)
+        entropy = torch.cat(entropies) if compute_entropy else None
+        aux = torch.zeros((), device=input_ids.device) if compute_aux_loss else None
+        return torch.cat(logps), entropy, aux
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A dataset prompt as plain text (conversational prompts: the text of the last user message)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        content = prompt[-1].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+    raise ValueError(
+        "Janus prompts must be strings or conversations whose last message has text content; got "
+        f"{type(prompt).__name__}."
+    )
+
+
+def _is_janus(model: Any) -> bool:
+    from transformers import JanusForConditionalGeneration
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, JanusForConditionalGeneration)
+
+
+def _load_janus_if_named(model: Any, args: IntrinsicGRPOConfig) -> Any:
+    """Load a hub id / path whose config is a Janus model (TRL's loader targets causal LMs)."""
+    if not isinstance(model, str):
+        return model
+    from transformers import AutoConfig, JanusForConditionalGeneration
+
+    init_kwargs = dict(args.model_init_kwargs or {})
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=init_kwargs["trust_remote_code"])
+    if config.model_type != "janus":
+        return model
+    return JanusForConditionalGeneration.from_pretrained(model, **init_kwargs)
+
+
+def _prepare_janus(model: Any, args: IntrinsicGRPOConfig, peft_config: Any) -> Any:
+    """Check a Janus model against the config, freeze what IRIS never trains, choose the adapter.
+
+    Returns the ``peft_config`` to use (the default language-model LoRA when none is given and
+    ``args.janus_lora``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base.model
+    if getattr(inner, "generation_head", None) is None or getattr(inner, "vqmodel", None) is None:
+        raise ValueError(
+            "This Janus model has no image-generation head or VQ model; IRIS needs a Janus-Pro checkpoint with "
+            "`model.generation_head` and `model.vqmodel` (e.g. deepseek-community/Janus-Pro-1B)."
+        )
+    own_tokens = janus_ops.janus_num_image_tokens(base)
+    if args.image_token_num is not None and args.image_token_num != own_tokens:
+        raise ValueError(
+            f"`image_token_num`={args.image_token_num} but the model generates {own_tokens} image tokens; set "
+            f"`image_token_num={own_tokens}` or leave it None."
+        )
+    own_size = janus_ops.janus_image_size(base)
+    if args.image_size is not None and args.image_size != own_size:
+        raise ValueError(
+            f"`image_size`={args.image_size} but the model's VQ decoder produces {own_size}px images from "
+            f"{own_tokens} tokens; set `image_size={own_size}` or leave it None."
+        )
+    if (
+        args.top_k not in (0, None)
+        or args.top_p != 1.0
+        or args.min_p is not None
+        or args.repetition_penalty != 1.0
+    ):
+        raise ValueError(
+            "`top_k`, `top_p`, `min_p` and `repetition_penalty` are not supported for Janus rollouts (the CoT and "
+            "image tokens are sampled with `temperature` / `image_temperature` only); leave them at their defaults."
+        )
+    # IRIS never trains the understanding path nor the image tokenizer.
+    for module in (inner.vision_model, inner.aligner, inner.vqmodel, inner.generation_aligner):
+        module.requires_grad_(False)
+    if peft_config is None and args.janus_lora and not hasattr(model, "peft_config"):
+        from peft import LoraConfig
+
+        names = "|".join(args.lora_target_modules)
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=rf".*language_model\..*\.({names})",
+        )
+    return peft_config
