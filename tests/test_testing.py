@@ -322,3 +322,64 @@ def test_flux_pipeline_is_seeded_and_reloads(tmp_path):
     assert _same_weights(_state_dicts(*_flux_modules(a)), _state_dicts(*_flux_modules(reloaded)))
     assert reloaded.tokenizer_2(ODD_PROMPT).input_ids == a.tokenizer_2(ODD_PROMPT).input_ids
     np.testing.assert_array_equal(expected, _flux_call(reloaded))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sana
+# ----------------------------------------------------------------------------------------------
+
+
+def _sana_modules(pipe) -> list[torch.nn.Module]:
+    return [pipe.transformer, pipe.vae, pipe.text_encoder]
+
+
+def _sana_call(pipe, prompt: str = PROMPT, **kwargs) -> np.ndarray:
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        use_resolution_binning=False,
+        complex_human_instruction=None,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
+
+
+def test_sana_pipeline_generates_pil_images():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    pipe = testing.tiny_sana_pipeline()
+    assert isinstance(pipe, SanaPipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    images = pipe(
+        "a red circle", num_inference_steps=2, height=32, width=32, use_resolution_binning=False
+    ).images
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert (
+        pipe.vae_scale_factor == 4
+        and pipe.transformer.config.caption_channels == pipe.text_encoder.config.hidden_size
+    )
+    assert not np.array_equal(_sana_call(pipe), _sana_call(pipe, prompt="three green triangles"))
+    ids = pipe.tokenizer(ODD_PROMPT).input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and pipe.tokenizer.unk_token_id not in ids
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True) == ODD_PROMPT
+
+
+def test_sana_pipeline_is_seeded_and_reloads(tmp_path):
+    from diffusers import SanaPipeline
+
+    state = torch.random.get_rng_state()
+    a, b, c = testing.tiny_sana_pipeline(0), testing.tiny_sana_pipeline(0), testing.tiny_sana_pipeline(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert _same_weights(_state_dicts(*_sana_modules(a)), _state_dicts(*_sana_modules(b)))
+    for ma, mc in zip(_sana_modules(a), _sana_modules(c)):
+        assert not _same_weights([ma.state_dict()], [mc.state_dict()]), type(ma).__name__
+    expected = _sana_call(a)
+    assert not np.array_equal(expected, _sana_call(c))
+
+    a.save_pretrained(tmp_path)
+    reloaded = SanaPipeline.from_pretrained(tmp_path)
+    assert _same_weights(_state_dicts(*_sana_modules(a)), _state_dicts(*_sana_modules(reloaded)))
+    np.testing.assert_array_equal(expected, _sana_call(reloaded))

@@ -28,6 +28,7 @@ __all__ = [
     "tiny_causal_lm",
     "tiny_flux_pipeline",
     "tiny_janus",
+    "tiny_sana_pipeline",
     "tiny_sd3_pipeline",
 ]
 
@@ -176,6 +177,21 @@ def _llama_tokenizer(chat_template: str | None = None, **named_special_tokens: s
         **specials,
         **named_special_tokens,
     )
+
+
+def _gemma_tokenizer():
+    """A ``GemmaTokenizer`` (fast, byte fallback) that prepends ``<bos>``, as Gemma 2 checkpoints do."""
+    from transformers import GemmaTokenizer
+
+    specials = {
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "bos_token": "<bos>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+    }
+    vocab, merges = _metaspace_bpe_vocab(specials.values())
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, **specials)
 
 
 def _tiny_llama_config(tokenizer, hidden_size: int, **kwargs: Any):
@@ -378,6 +394,91 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, **overrid
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )
+
+
+def tiny_sana_pipeline(seed: int = 0, **overrides: Any):
+    """A tiny random ``SanaPipeline`` that runs at 32×32 px.
+
+    Components: ``SanaTransformer2DModel`` (1 layer, 2 heads × 16 for self- and cross-attention,
+    patch 1 on 8×8×8 latents, i.e. 64 image tokens), a tiny ``AutoencoderDC`` (3 stages, ×4
+    downsampling, 8 latent channels, ``scaling_factor=1``), a ``Gemma2Model`` text encoder
+    (hidden 32 = ``caption_channels``, 2 layers) with a locally built ``GemmaTokenizer`` (BOS
+    prepended; the pipeline itself sets right padding), and a ``FlowMatchEulerDiscreteScheduler``
+    with ``shift=3.0`` (Sana ships a flow-prediction DPM-Solver; Euler gives the explicit
+    ``sigmas`` flow-GRPO needs).
+
+    Sana's ``__call__`` defaults suit 1024 px checkpoints: at 32 px pass
+    ``use_resolution_binning=False`` (otherwise the size is snapped to a 512–4096 px bucket), and
+    ``complex_human_instruction=None`` plus a small ``max_sequence_length`` keep the text encoder
+    cheap (the long default instruction is still valid, just slower).
+
+    Args:
+        seed: seeds the weights; the caller's RNG state is left untouched.
+        **overrides: ``SanaTransformer2DModel`` config values replacing the defaults.
+
+    Returns:
+        A ``SanaPipeline`` in fp32. ``pipe("a red circle", num_inference_steps=2, height=32,
+        width=32, use_resolution_binning=False)`` returns 32×32 PIL images.
+    """
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    latent_channels, text_hidden = 8, 32
+    config = _merged_config(
+        dict(
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=1,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=16,
+            cross_attention_dim=32,
+            caption_channels=text_hidden,
+            mlp_ratio=2.0,
+            sample_size=8,
+            patch_size=1,
+        ),
+        overrides,
+        SanaTransformer2DModel,
+        "SanaTransformer2DModel",
+    )
+    tokenizer = _gemma_tokenizer()
+    text_config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        text_encoder = Gemma2Model(text_config).eval()
+        transformer = SanaTransformer2DModel(**config)
+        vae = AutoencoderDC(
+            in_channels=3,
+            latent_channels=latent_channels,
+            attention_head_dim=8,
+            encoder_block_types="ResBlock",
+            decoder_block_types="ResBlock",
+            encoder_block_out_channels=(8, 16, 16),
+            decoder_block_out_channels=(8, 16, 16),
+            encoder_layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            encoder_qkv_multiscales=((), (), ()),
+            decoder_qkv_multiscales=((), (), ()),
+            scaling_factor=1.0,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
 
