@@ -90,8 +90,9 @@ def test_clip_score_matches_the_definition(tiny_clip):
     assert all(isinstance(s, float) and s >= 0 for s in out)
     # The clamp matters: a prompt/image pair with negative cosine scores 0, not below.
     cos = _cosines(tiny_clip, PROMPTS * 3, _images(12))
-    if (cos < 0).any():
-        assert min(scorer(PROMPTS * 3, _images(12))) == 0.0
+    assert (cos < 0).any() and (cos > 0).any()  # the random tiny model gives both signs
+    wide = scorer(PROMPTS * 3, _images(12))
+    assert wide == pytest.approx((100 * cos).clamp_min(0).tolist(), abs=1e-4) and min(wide) == 0.0
 
 
 def test_pick_score_is_logit_scale_times_cosine(tiny_clip):
@@ -286,3 +287,26 @@ def test_ocr_reads_rendered_text_and_ranks_the_matching_prompt_first():
         ["x", "y"], [image, None], text=["HELL", "A"]
     )
     assert by_column == [pytest.approx(1 - 5 / 9), None]
+
+
+def test_hybrid_rewards_take_the_same_flow_call(tiny_clip):
+    """`reward_funcs=[solace_reward, clip_score]`: both accept the flow trainer's call unchanged."""
+    from trl_intrinsic.rewards import solace_reward
+
+    z0 = torch.randn(4, 4, 2, 2)
+    kwargs = dict(
+        latents=z0,
+        velocity_fn=lambda x_t, sigma, rows: (x_t - z0[rows]) / sigma.view(-1, 1, 1, 1) + 0.1,
+        reference_velocity_fn=lambda x_t, sigma, rows: torch.zeros_like(x_t),
+        sigmas=torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+        train_sigmas=torch.tensor([0.5, 0.25]),
+        group_ids=[0, 0, 1, 1],
+        trainer_state=None,
+        prompt=PROMPTS,  # a dataset column
+    )
+    images = _images()
+    intrinsic = solace_reward(PROMPTS, images, **kwargs)
+    external = CLIPScore(tiny_clip[0])(PROMPTS, images, **kwargs)
+    assert intrinsic == pytest.approx([-math.log(0.01 + 1e-6)] * 4, rel=1e-4)
+    assert external == pytest.approx(CLIPScore(tiny_clip[0], device="cpu")(PROMPTS, images), abs=1e-5)
+    assert (solace_reward.requires_images, clip_score.requires_images) == (False, True)
