@@ -45,16 +45,16 @@ class IntrinsicGRPOConfig(GRPOConfig):
             Janus only. Side of the decoded images in pixels; `None` uses the model's own size. A value the
             VQ decoder does not produce raises.
         janus_lora (`bool`, *optional*, defaults to `True`):
-            Janus only. Without a `peft_config`, train a LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout`,
-            `lora_target_modules`) on the language model. `False` fine-tunes the language model and the
+            Janus only. Without a `peft_config`, train a LoRA adapter (`janus_lora_r`, `janus_lora_alpha`, `janus_lora_dropout`,
+            `janus_lora_target_modules`) on the language model. `False` fine-tunes the language model and the
             generation head fully. The vision encoder, the VQ model and the aligners are always frozen.
-        lora_r (`int`, *optional*, defaults to `16`):
+        janus_lora_r (`int`, *optional*, defaults to `16`):
             Rank of the default Janus LoRA adapter.
-        lora_alpha (`int`, *optional*, defaults to `32`):
+        janus_lora_alpha (`int`, *optional*, defaults to `32`):
             Alpha of the default Janus LoRA adapter.
-        lora_dropout (`float`, *optional*, defaults to `0.0`):
+        janus_lora_dropout (`float`, *optional*, defaults to `0.0`):
             Dropout of the default Janus LoRA adapter.
-        lora_target_modules (`list[str]`, *optional*):
+        janus_lora_target_modules (`list[str]`, *optional*):
             Module names (inside the language model) of the default Janus LoRA adapter.
     """
 
@@ -96,10 +96,12 @@ class IntrinsicGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Janus: without a peft_config, train a LoRA adapter on the language model."},
     )
-    lora_r: int = field(default=16, metadata={"help": "Rank of the default Janus LoRA adapter."})
-    lora_alpha: int = field(default=32, metadata={"help": "Alpha of the default Janus LoRA adapter."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout of the default Janus LoRA adapter."})
-    lora_target_modules: list[str] = field(
+    janus_lora_r: int = field(default=16, metadata={"help": "Rank of the default Janus LoRA adapter."})
+    janus_lora_alpha: int = field(default=32, metadata={"help": "Alpha of the default Janus LoRA adapter."})
+    janus_lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout of the default Janus LoRA adapter."}
+    )
+    janus_lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Module names inside the language model for the default Janus LoRA adapter."},
     )
@@ -125,7 +127,7 @@ class IntrinsicGRPOConfig(GRPOConfig):
             raise ValueError(f"`image_temperature` must be > 0, got {self.image_temperature}.")
         if "{prompt}" not in self.cot_template:
             raise ValueError("`cot_template` must contain the placeholder `{prompt}` for the dataset prompt.")
-        for name in ("image_token_num", "image_size", "lora_r", "lora_alpha"):
+        for name in ("image_token_num", "image_size", "janus_lora_r", "janus_lora_alpha"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

@@ -191,11 +191,15 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     def _janus_prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted request (the CoT request, or the prompt itself without CoT)."""
         text = self.args.cot_template.format(prompt=prompt) if self.args.use_cot else prompt
-        conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-        ids = self.processing_class.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        ids = [int(i) for i in (ids[0] if isinstance(ids[0], (list, torch.Tensor)) else ids)]
+        if getattr(self.processing_class, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+            ids = self.processing_class.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+            ids = ids[0] if isinstance(ids[0], (list, torch.Tensor)) else ids
+        else:  # Janus-Pro's conversation format, for processors saved without a chat template
+            ids = self._tokenizer(f"<|User|>: {text}\n\n<|Assistant|>:")["input_ids"]
+        ids = [int(i) for i in ids]
         return ids if ids and ids[0] == self._bos_token_id else [self._bos_token_id, *ids]
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,11 +506,11 @@ def _prepare_janus(model: Any, args: IntrinsicGRPOConfig, peft_config: Any) -> A
     if peft_config is None and args.janus_lora and not hasattr(model, "peft_config"):
         from peft import LoraConfig
 
-        names = "|".join(args.lora_target_modules)
+        names = "|".join(args.janus_lora_target_modules)
         peft_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
+            r=args.janus_lora_r,
+            lora_alpha=args.janus_lora_alpha,
+            lora_dropout=args.janus_lora_dropout,
             target_modules=rf".*language_model\..*\.({names})",
         )
     return peft_config
