@@ -84,6 +84,15 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     over its completion tokens, EOS included, of ``KL(U ‖ p)`` at temperature 1) and
     ``self_certainty_per_token`` (``list[list[float]]``). The completions table gets a ``self_certainty``
     column and the metric ``self_certainty/mean`` is logged.
+
+    Janus-Pro: reward functions are called as ``f(prompts=[str], completions=[PIL.Image], completion_ids=[the
+    image-token ids], **kwargs)`` with kwargs ``cot`` (decoded CoT text, "" with ``use_cot=False``),
+    ``self_certainty`` (mean over CoT and image tokens), ``self_certainty_text`` (CoT tokens; NaN without
+    CoT), ``self_certainty_image``, ``trainer_state``, ``log_extra``, ``log_metric`` and the dataset columns.
+    The loss is TRL's GRPO loss over CoT tokens (text head) and image tokens (generation head, conditional
+    logits); the BOI token between them is conditioning only (``tool_mask`` = 0). The reference of the KL is
+    the base model with the LoRA adapter disabled, or TRL's frozen copy for full fine-tuning. The completions
+    table holds the prompt, the CoT text, the image (wandb / trackio) and the self-certainty columns.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "trl-intrinsic", "self-certainty"]
