@@ -3,7 +3,7 @@
 Light on purpose: importing it needs numpy, PIL and scipy only.
 """
 
-from trl_intrinsic.toyworld.render import render
+from trl_intrinsic.toyworld.rendering import render
 from trl_intrinsic.toyworld.reward import make_verifier_reward, verifier_reward, verifier_reward_partial
 from trl_intrinsic.toyworld.scenes import (
     HELD_OUT_COUNTS,
@@ -20,7 +20,7 @@ from trl_intrinsic.toyworld.scenes import (
     prompt_space,
     sample_metadata,
 )
-from trl_intrinsic.toyworld.verify import DetectedObject, VerifyResult, detect_objects, evaluate, verify
+from trl_intrinsic.toyworld.verifier import DetectedObject, VerifyResult, detect_objects, evaluate, verify
 
 __all__ = [
     "HELD_OUT_COUNTS",

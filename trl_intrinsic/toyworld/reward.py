@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from trl_intrinsic.toyworld.verify import verify
+from trl_intrinsic.toyworld.verifier import verify
 
 __all__ = ["make_verifier_reward", "verifier_reward", "verifier_reward_partial"]
 

@@ -9,12 +9,14 @@ Pipeline (all vectorised; one call of ``scipy.ndimage.label`` per image):
    least ``min_strength``. Pale, grey, black and off-palette pixels are background.
 2. **Objects.** Connected components (8-connected) within each colour; components smaller than
    ``min_area`` (8 px at 32 px, scaled with the image area) are dropped as specks.
-3. **Shapes** from three scale-free features of the component in its bounding box: ``fill`` (area /
-   box area: square ≈ 1, circle ≈ π/4, triangle ≈ 1/2), ``top`` (share of the pixels in the top half:
-   an upward triangle ≈ 1/4, circles and squares ≈ 1/2) and ``corners`` (how full the four corner
-   cells of the box are: square ≈ 1, circle ≈ 0). ``top`` keeps rounded triangles apart from circles
-   where ``fill`` alone would not; ``corners`` separates rounded squares from circles.
-   Elongated or sparse components are ``"unknown"`` and match no clause.
+3. **Shapes** from scale-free features of each component's *soft mass* (the colour strength of its
+   pixels and of the faint pixels around it, so partly covered edge rows count partly): ``fill`` =
+   mass / (largest column sum × largest row sum) (square 1, circle π/4, triangle 1/2), ``skew`` of
+   the vertical mass distribution (an upward triangle is bottom-heavy, −0.57; circles and squares 0)
+   and ``diagonal`` = largest diagonal sum / largest column sum (square 1, circle 1/√2). ``skew`` keeps
+   rounded triangles apart from circles where fill alone does not. The nearest prototype wins;
+   components far from every prototype, elongated, or with holes (rings, outlines) are ``"unknown"``
+   and match no clause.
 4. **Clauses** with GenEval's semantics: an include clause needs at least ``count`` objects of its
    class (and colour); an exclude clause with count ``c`` needs fewer than ``c``; a position clause
    ``[relation, j]`` needs its objects to stand in ``relation`` to those of clause ``j``, judged from
@@ -45,6 +47,8 @@ _UNIT = (_ABSORBANCE / _NORMS[:, None]).astype(np.float32)  # (K, 3)
 # Per-colour 2-D 8-connectivity on a (K, H, W) stack: components never cross colour planes.
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE[1] = True
+_STRUCTURE_4 = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE_4[1] = ndimage.generate_binary_structure(2, 1)
 
 MAX_ANGLE_DEG = 16.0
 MIN_STRENGTH = 0.5
@@ -52,6 +56,8 @@ MIN_AREA_32 = 8.0
 POSITION_THRESHOLD = 0.1
 
 _COS_MIN = float(np.cos(np.deg2rad(MAX_ANGLE_DEG)))
+_COS_FAINT = float(np.cos(np.deg2rad(30.0)))
+_MIN_FAINT = 0.1
 
 
 @dataclass(frozen=True)
@@ -111,26 +117,101 @@ def _to_array(image: Any) -> np.ndarray:
     raise TypeError(f"image: expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
-# Shape prototypes in feature space (fill, top, corners) and the feature scales of the distance:
-# a component takes the nearest prototype, or "unknown" if even that one is far.
+def _shape_features(
+    lab: np.ndarray, ys: np.ndarray, xs: np.ndarray, mass: np.ndarray, n: int, height: int, width: int
+) -> dict[str, np.ndarray]:
+    """Scale-free shape features of components 1..n from their soft pixel masses.
+
+    Args:
+        lab, ys, xs, mass: (P,) component id, row, column and colour strength in [0, 1] of every pixel
+            assigned to a component (its core pixels and the faint pixels around them).
+        n: number of components; outputs are indexed 0..n (0 unused).
+
+    Returns:
+        ``mass``; ``centroid_x``/``centroid_y`` (pixels); ``fill`` = mass / (largest column sum ×
+        largest row sum): square 1, circle π/4, triangle 1/2, insensitive to partly covered edge rows;
+        ``skew``: skewness of the vertical mass distribution (upward triangle −0.57, circle and square
+        0); ``diagonal`` = largest diagonal sum / largest column sum (square 1, circle 1/√2);
+        ``aspect`` ≥ 1: ratio of the largest column and row sums.
+    """
+    total = np.bincount(lab, weights=mass, minlength=n + 1)
+    safe = np.maximum(total, 1e-9)
+    cols = np.bincount(lab * width + xs, weights=mass, minlength=(n + 1) * width).reshape(n + 1, width).max(1)
+    rows = (
+        np.bincount(lab * height + ys, weights=mass, minlength=(n + 1) * height).reshape(n + 1, height).max(1)
+    )
+    span = height + width
+    diag = np.maximum(
+        np.bincount(lab * span + xs + ys, weights=mass, minlength=(n + 1) * span).reshape(n + 1, span).max(1),
+        np.bincount(lab * span + xs - ys + height, weights=mass, minlength=(n + 1) * span)
+        .reshape(n + 1, span)
+        .max(1),
+    )
+    cx = np.bincount(lab, weights=mass * xs, minlength=n + 1) / safe
+    cy = np.bincount(lab, weights=mass * ys, minlength=n + 1) / safe
+    dy = ys - cy[lab]
+    var = np.bincount(lab, weights=mass * dy * dy, minlength=n + 1) / safe
+    third = np.bincount(lab, weights=mass * dy * dy * dy, minlength=n + 1) / safe
+    peak = np.maximum(np.maximum(cols, rows), 1e-9)
+    return {
+        "mass": total,
+        "centroid_x": cx + 0.5,
+        "centroid_y": cy + 0.5,
+        "fill": total / np.maximum(cols * rows, 1e-9),
+        "skew": third / np.maximum(var, 1e-9) ** 1.5,
+        "diagonal": diag / np.maximum(cols, 1e-9),
+        "aspect": peak / np.maximum(np.minimum(cols, rows), 1e-9),
+    }
+
+
+# Each shape is a prototype in feature space (fill, skew, diagonal) with a per-feature spread, measured
+# on renders at 32–128 px, blurred and noisy renders, antialiased downsamples and rounded shapes.
+# A component takes the shape with the smallest scaled distance, or "unknown" if even that distance
+# exceeds MAX_SHAPE_DISTANCE or the component is elongated. Skew is what separates rounded triangles
+# from circles: blur pulls a small triangle's fill towards π/4 but leaves it bottom-heavy.
 _PROTOTYPES = {
-    "circle": (0.79, 0.50, 0.15),
-    "square": (1.00, 0.50, 1.00),
-    "triangle": (0.55, 0.28, 0.42),
+    #            fill   skew   diagonal      spreads
+    "circle": ((0.795, 0.00, 0.73), (0.035, 0.04, 0.035)),
+    "square": ((0.99, 0.00, 0.95), (0.03, 0.04, 0.04)),
+    "triangle": ((0.60, -0.54, 0.69), (0.07, 0.08, 0.05)),
 }
-_PROTO = np.asarray(list(_PROTOTYPES.values()))  # (3, 3)
+_PROTO = np.asarray([c for c, _ in _PROTOTYPES.values()])  # (3, 3)
+_SPREAD = np.asarray([s for _, s in _PROTOTYPES.values()])  # (3, 3)
 _PROTO_NAMES = (*_PROTOTYPES, "unknown")
-_FEATURE_SCALE = np.asarray([0.1, 0.05, 0.3])
-MAX_SHAPE_DISTANCE = 4.0
-MAX_ASPECT = 1.6
+_FEATURE_KEYS = ("fill", "skew", "diagonal")
+MAX_SHAPE_DISTANCE = 5.0
+MAX_ASPECT = 1.3
+MAX_HOLES = 0.2
 
 
-def _classify(features: np.ndarray, aspect: np.ndarray) -> list[str]:
-    """Shape names for ``features`` (N, 3) = (fill, top, corners) and box aspect ratios (N,)."""
-    dist = np.sqrt((((features[:, None, :] - _PROTO[None]) / _FEATURE_SCALE) ** 2).sum(-1))  # (N, 3)
+def _classify(features: np.ndarray, aspect: np.ndarray, holes: np.ndarray) -> list[str]:
+    """Shape names for ``features`` (N, 3) = (fill, skew, diagonal), aspect ratios (N,) and hole
+    shares (N,): 0 for solid shapes, large for rings and outlines."""
+    dist = np.sqrt((((features[:, None, :] - _PROTO[None]) / _SPREAD[None]) ** 2).sum(-1))  # (N, 3)
     idx = dist.argmin(axis=1)
-    idx[(dist.min(axis=1) > MAX_SHAPE_DISTANCE) | (aspect > MAX_ASPECT)] = len(_PROTOTYPES)
+    odd = (dist.min(axis=1) > MAX_SHAPE_DISTANCE) | (aspect > MAX_ASPECT) | (holes > MAX_HOLES)
+    idx[odd] = len(_PROTOTYPES)
     return [_PROTO_NAMES[i] for i in idx.tolist()]
+
+
+def _hole_share(planes: np.ndarray, boxes: list, core_area: np.ndarray) -> np.ndarray:
+    """Share of each component's filled area that is enclosed background, indexed 0..n.
+
+    Holes are counted inside each component's bounding box with a summed-area table of the hole mask.
+    """
+    # Empty planes around the stack: otherwise the first and last colour planes lie wholly on the
+    # volume's border, where fill_holes sees no enclosed pixel.
+    padded = np.pad(planes, ((1, 1), (0, 0), (0, 0)))
+    holes = (ndimage.binary_fill_holes(padded, structure=_STRUCTURE_4) & ~padded)[1:-1]
+    table = np.zeros((planes.shape[0], planes.shape[1] + 1, planes.shape[2] + 1), dtype=np.int32)
+    table[:, 1:, 1:] = holes.cumsum(1).cumsum(2)
+    box = np.array(
+        [(b[0].start, b[1].start, b[1].stop, b[2].start, b[2].stop) for b in boxes]
+    )  # k y0 y1 x0 x1
+    k, y0, y1, x0, x1 = box.T
+    inside = table[k, y1, x1] - table[k, y0, x1] - table[k, y1, x0] + table[k, y0, x0]
+    inside = np.concatenate([[0], inside]).astype(np.float64)
+    return inside / np.maximum(inside + core_area, 1.0)
 
 
 def detect_objects(
@@ -148,85 +229,58 @@ def detect_objects(
     best = proj.argmax(axis=-1)  # (H, W)
     along = np.take_along_axis(proj, best[..., None], axis=-1)[..., 0]
     length = np.sqrt((absorb * absorb).sum(axis=-1))
+    strength = along / _NORMS[best]
     cos_min = _COS_MIN if max_angle == MAX_ANGLE_DEG else float(np.cos(np.deg2rad(max_angle)))
-    keep = (along >= cos_min * length) & (along >= min_strength * _NORMS[best]) & (length > 0)
+    core = (along >= cos_min * length) & (strength >= min_strength) & (length > 0)
+    # Faint pixels (blurred or antialiased edges) only add mass to a neighbouring core component.
+    faint = (along >= _COS_FAINT * length) & (strength >= _MIN_FAINT) & ~core
 
     planes = np.zeros((len(_COLOR_NAMES), height, width), dtype=bool)
-    ys, xs = np.nonzero(keep)
+    ys, xs = np.nonzero(core)
     planes[best[ys, xs], ys, xs] = True
     labels, n = ndimage.label(planes, structure=_STRUCTURE)
     if n == 0:
         return []
-    kk, ys, xs = np.nonzero(labels)
-    lab = labels[kk, ys, xs]
-    area = np.bincount(lab, minlength=n + 1)
+    lab = labels[best[ys, xs], ys, xs]
+    core_area = np.bincount(lab, minlength=n + 1)
     if min_area is None:
         min_area = MIN_AREA_32 * (height * width) / (32.0 * 32.0)
-    boxes = ndimage.find_objects(labels)
-    bounds = np.array([(s[1].start, s[1].stop, s[2].start, s[2].stop) for s in boxes])  # (n, 4) y0 y1 x0 x1
-    bounds = np.concatenate([np.zeros((1, 4), dtype=bounds.dtype), bounds])
-    y0, y1, x0, x1 = bounds.T
-    h, w = y1 - y0, x1 - x0
+    fy, fx = np.nonzero(faint)
+    if fy.size:
+        near = ndimage.grey_dilation(labels, footprint=_STRUCTURE)[best[fy, fx], fy, fx]
+        attached = near > 0
+        ys, xs = np.concatenate([ys, fy[attached]]), np.concatenate([xs, fx[attached]])
+        lab = np.concatenate([lab, near[attached]])
+    mass = np.minimum(strength[ys, xs], 1.0)
+    feats = _shape_features(lab, ys, xs, mass, n, height, width)
     colour = np.zeros(n + 1, dtype=np.intp)
-    colour[lab] = kk
+    colour[lab] = best[ys, xs]
 
-    # Per-pixel positions inside the box of their component, in integer half-pixel units.
-    dy2 = 2 * (ys - y0[lab]) + 1  # in (0, 2h)
-    dx2 = 2 * (xs - x0[lab]) + 1
-    hh, ww = h[lab], w[lab]
-    top_w = (dy2 < hh) + 0.5 * (dy2 == hh)
-    corner_y = (5 * dy2 < 2 * hh) | (5 * dy2 > 8 * hh)  # outer fifths of the box
-    corner_x = (5 * dx2 < 2 * ww) | (5 * dx2 > 8 * ww)
-    top = np.bincount(lab, weights=top_w, minlength=n + 1)
-    corner_px = np.bincount(lab, weights=corner_y & corner_x, minlength=n + 1)
-    corner_cells = _corner_cells(h, w)
-    sum_x = np.bincount(lab, weights=xs, minlength=n + 1)
-    sum_y = np.bincount(lab, weights=ys, minlength=n + 1)
-
-    ids = np.nonzero(area >= min_area)[0]
+    ids = np.nonzero(core_area >= min_area)[0]
     ids = ids[ids > 0]
     if ids.size == 0:
         return []
-    a = area[ids].astype(np.float64)
-    fill = a / (h[ids] * w[ids])
-    top_share = top[ids] / a
-    corners = corner_px[ids] / np.maximum(corner_cells[ids], 1)
-    aspect = np.maximum(h[ids], w[ids]) / np.minimum(h[ids], w[ids])
-    shapes = _classify(np.stack([fill, top_share, corners], axis=1), aspect)
+    boxes = ndimage.find_objects(labels)
+    feats["holes"] = _hole_share(planes, boxes, core_area)
+    shapes = _classify(
+        np.stack([feats[k][ids] for k in _FEATURE_KEYS], axis=1), feats["aspect"][ids], feats["holes"][ids]
+    )
     objects = []
     for m, i in enumerate(ids.tolist()):
+        box = boxes[i - 1]
         objects.append(
             DetectedObject(
                 color=_COLOR_NAMES[colour[i]],
                 shape=shapes[m],
-                centroid=(float(sum_x[i] / area[i] + 0.5), float(sum_y[i] / area[i] + 0.5)),
-                area=int(area[i]),
-                bbox=(int(x0[i]), int(y0[i]), int(x1[i]), int(y1[i])),
-                features={
-                    "fill": float(fill[m]),
-                    "top": float(top_share[m]),
-                    "corners": float(corners[m]),
-                    "aspect": float(aspect[m]),
-                },
+                centroid=(float(feats["centroid_x"][i]), float(feats["centroid_y"][i])),
+                area=int(core_area[i]),
+                bbox=(box[2].start, box[1].start, box[2].stop, box[1].stop),
+                features={k: float(feats[k][i]) for k in (*_FEATURE_KEYS, "aspect", "holes", "mass")},
             )
         )
     # Reading order (top-left first) for stable reports.
     objects.sort(key=lambda o: (o.bbox[1], o.bbox[0]))
     return objects
-
-
-def _corner_cells(h: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Number of pixels in the four corner cells (outer fifths in both axes) of an h×w box."""
-    d2h = 2 * np.arange(int(h.max(initial=0))) + 1
-    d2w = 2 * np.arange(int(w.max(initial=0))) + 1
-    out = np.zeros(h.shape, dtype=np.float64)
-    for i, (hi, wi) in enumerate(zip(h.tolist(), w.tolist())):
-        if hi == 0:
-            continue
-        ry = np.count_nonzero((5 * d2h[:hi] < 2 * hi) | (5 * d2h[:hi] > 8 * hi))
-        rx = np.count_nonzero((5 * d2w[:wi] < 2 * wi) | (5 * d2w[:wi] > 8 * wi))
-        out[i] = ry * rx
-    return out
 
 
 def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str) -> bool:
