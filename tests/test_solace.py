@@ -357,3 +357,64 @@ def test_paper_recipe_config_is_valid_yaml_and_builds_the_reward():
     options = {k.removeprefix("solace_"): v for k, v in config.items() if k.startswith("solace_")}
     reward = SolaceReward(**options)
     assert repr(reward) == repr(solace_reward)
+
+
+def test_training_run_on_the_tiny_sd3_pipeline_without_decoding(tmp_path):
+    """FlowGRPOTrainer + SOLACE: conditional-only batched velocity calls at the trained sigmas, no VAE."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
+    from trl_intrinsic.testing import tiny_sd3_pipeline
+
+    class Spy(SolaceReward):
+        def __call__(self, prompts=None, images=None, **kwargs):
+            transformer = trainer.accelerator.unwrap_model(trainer.model)
+            handle = transformer.register_forward_pre_hook(
+                lambda module, args, kw: forward_rows.append(
+                    (kw.get("hidden_states", args[0] if args else None)).shape[0]
+                ),
+                with_kwargs=True,
+            )
+            sigmas_seen = []
+            velocity_fn = kwargs["velocity_fn"]
+
+            def spy_velocity(x_t, sigma, rows):
+                sigmas_seen.append(sigma)
+                return velocity_fn(x_t, sigma, rows)
+
+            try:
+                out = super().__call__(prompts, images, **{**kwargs, "velocity_fn": spy_velocity})
+            finally:
+                handle.remove()
+            calls.append((kwargs["train_sigmas"], torch.cat(sigmas_seen), out))
+            return out
+
+    calls, forward_rows = [], []
+    args = FlowGRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", seed=0,
+        per_device_train_batch_size=4, num_generations=2, max_steps=2, resolution=32,
+        num_inference_steps=4, timestep_fraction=0.6, logging_steps=1, save_strategy="no",
+        learning_rate=1e-3, guidance_scale=7.0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = FlowGRPOTrainer(
+        tiny_sd3_pipeline(),
+        [Spy(num_probes=2, max_batch_size=8)],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a red circle", "two blue squares"]}),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0),
+    )
+    decodes = []
+    original_decode = trainer.pipeline.vae.decode
+    trainer.pipeline.vae.decode = lambda *a, **k: decodes.append(1) or original_decode(*a, **k)
+    trainer.train()
+    assert not decodes, "SOLACE needs no pixels: the VAE must not run during training"
+    assert len(calls) == 2
+    for train_sigmas, seen, out in calls:
+        probe = train_sigmas[train_sigmas > 0]
+        assert probe.numel() >= 1
+        assert sorted(set(seen.tolist())) == pytest.approx(sorted(probe.tolist()))
+        assert seen.numel() == 2 * probe.numel() * 4 and len(out) == 4
+        assert all(math.isfinite(r) for r in out)
+    # Conditional velocity only: transformer batches are the chunks of 8 rows, never doubled for CFG.
+    assert set(forward_rows) == {8}  # 2 probes x |T| x 4 images, in chunks of 8 rows
