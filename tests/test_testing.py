@@ -185,6 +185,38 @@ def test_causal_lm_overrides():
         testing.tiny_causal_lm(hiden_size=3)
 
 
+def test_causal_lm_trains_with_trl_grpo_on_conversational_prompts(tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = testing.tiny_causal_lm()
+    seen: list = []
+
+    def length_reward(prompts, completions, **kwargs):
+        seen.extend(completions)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": PROMPT}]] * 4})
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=length_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    assert len(seen) == 4 and all(c[0]["role"] == "assistant" for c in seen)
+    assert trainer.state.global_step == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Janus
 # ----------------------------------------------------------------------------------------------
