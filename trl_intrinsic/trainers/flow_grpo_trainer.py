@@ -676,7 +676,10 @@ class FlowGRPOTrainer(_BaseTrainer):
                 k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()
             }
             type(self.pipeline).save_lora_weights(
-                output_dir, transformer_lora_layers=lora_layers, safe_serialization=True
+                output_dir,
+                transformer_lora_layers=lora_layers,
+                transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+                safe_serialization=True,
             )
         else:
             transformer.save_pretrained(os.path.join(output_dir, TRANSFORMER_DIR), safe_serialization=True)
