@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFilter
 
 from trl_intrinsic import toyworld
 from trl_intrinsic.toyworld import (
@@ -17,8 +18,10 @@ from trl_intrinsic.toyworld import (
     SHAPES,
     TAGS,
     TEST_TAGS,
+    evaluate,
     render,
     sample_metadata,
+    verifier_reward,
     verify,
 )
 
@@ -169,3 +172,253 @@ def test_verify_reports_objects():
     assert square.color == "blue" and square.area >= 49
     assert triangle.centroid[0] > square.centroid[0]
     assert [c.ok for c in result.clauses] == [True, True]
+
+
+# --------------------------------------------------------------------------- strictness
+
+
+_MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _requirements(meta):
+    """What a metadata dict asks of an image, in a form where equal means 'same requirements'."""
+    inc = meta["include"]
+    objects = frozenset((c["class"], c.get("color"), c["count"]) for c in inc)
+    excluded = frozenset((c["class"], c.get("color"), c["count"]) for c in meta.get("exclude", []))
+    relations = set()
+    for clause in inc:
+        if "position" in clause:
+            rel, j = clause["position"]
+            a, b = (clause["class"], clause.get("color")), (inc[j]["class"], inc[j].get("color"))
+            relations.add(min((a, rel, b), (b, _MIRROR[rel], a)))
+    return objects, excluded, frozenset(relations)
+
+
+def test_verify_rejects_renders_of_other_prompts():
+    rng = np.random.default_rng(0)
+    compared = rejected = 0
+    for split in ("train", "test"):
+        metas = sample_metadata(600, seed=21, split=split)
+        by_tag = {}
+        for m in metas:
+            by_tag.setdefault(m["tag"], []).append(m)
+        for i, meta in enumerate(metas):
+            pool = by_tag[meta["tag"]]
+            other = pool[int(rng.integers(len(pool)))]
+            if _requirements(other) == _requirements(meta):
+                continue  # the render honestly satisfies the other prompt too
+            compared += 1
+            rejected += not verify(render(meta, seed=i), other).correct
+    assert compared >= 800
+    assert rejected / compared >= 0.99, (rejected, compared)
+
+
+def test_exclude_clause_rejects_one_object_too_many():
+    for count in (1, 2, 3):
+        for shape in SHAPES:
+            meta = {
+                "tag": "counting",
+                "include": [{"class": shape, "count": count}],
+                "exclude": [{"class": shape, "count": count + 1}],
+                "prompt": f"{count} {shape}",
+            }
+            too_many = {**meta, "include": [{"class": shape, "count": count + 1}], "exclude": []}
+            for seed in range(5):
+                assert verify(render(meta, seed=seed), meta).correct
+                result = verify(render(too_many, seed=seed), meta)
+                assert not result.correct
+                assert [c.ok for c in result.clauses] == [True, False]
+                assert result.score == 0.5
+
+
+def test_wrong_colour_shape_and_relation_are_rejected():
+    meta = {
+        "tag": "position",
+        "include": [
+            {"class": "square", "count": 1, "color": "green"},
+            {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]},
+        ],
+        "prompt": "a photo of a red circle left of a green square",
+    }
+    img = render(meta, seed=1)
+    assert verify(img, meta).correct
+    swapped = json.loads(json.dumps(meta))
+    swapped["include"][1]["position"] = ["right of", 0]
+    assert "not right of" in verify(img, swapped).reason
+    recoloured = json.loads(json.dumps(meta))
+    recoloured["include"][0]["color"] = "blue"
+    assert not verify(img, recoloured).correct
+    reshaped = json.loads(json.dumps(meta))
+    reshaped["include"][1]["class"] = "triangle"
+    assert not verify(img, reshaped).correct
+    assert not verify(Image.new("RGB", (32, 32), "white"), meta).correct
+
+
+def _draw(fn, size=32):
+    img = Image.new("RGB", (size, size), "white")
+    fn(ImageDraw.Draw(img))
+    return img
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda d: d.ellipse([6, 6, 20, 20], outline=(230, 0, 0), width=2),  # ring
+        lambda d: d.polygon([(8, 8), (20, 8), (14, 19)], fill=(230, 0, 0)),  # downward triangle
+        lambda d: d.rectangle([4, 10, 25, 19], fill=(230, 0, 0)),  # 2:1 bar
+        lambda d: d.polygon([(14, 4), (24, 14), (14, 24), (4, 14)], fill=(230, 0, 0)),  # diamond
+    ],
+)
+def test_non_shapes_match_no_clause(draw):
+    objects = toyworld.detect_objects(_draw(draw))
+    assert [(o.color, o.shape) for o in objects] == [("red", "unknown")]
+
+
+def test_specks_are_dropped():
+    speck = _draw(lambda d: d.rectangle([6, 6, 7, 8], fill=(230, 0, 0)))  # 6 px
+    assert toyworld.detect_objects(speck) == []
+    assert toyworld.detect_objects(speck.resize((64, 64), Image.NEAREST)) == []  # threshold scales with size
+    small_square = _draw(lambda d: d.rectangle([6, 6, 9, 9], fill=(230, 0, 0)))  # 16 px: small but kept
+    assert [o.shape for o in toyworld.detect_objects(small_square)] == ["square"]
+
+
+@pytest.mark.parametrize("rgb", [(0, 0, 0), (128, 128, 128), (255, 170, 170), (250, 130, 0), (235, 235, 235)])
+def test_off_palette_colours_are_background(rgb):
+    assert toyworld.detect_objects(_draw(lambda d: d.rectangle([6, 6, 16, 16], fill=rgb))) == []
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def _blur_noise(img, rng):
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 0.7))), dtype=np.float64)
+    arr = arr + rng.normal(0.0, 9.0, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
+
+
+def _shift_colours(img, rng):
+    arr = np.asarray(img).copy()
+    for rgb in PALETTE.values():
+        mask = (arr == rgb).all(-1)
+        arr[mask] = np.clip(np.array(rgb) + rng.integers(-20, 21, 3), 0, 255)
+    return Image.fromarray(arr)
+
+
+def _rounded(meta, seed, rng):
+    """Render at 4×, round every corner (blur each colour's mask, re-threshold), downsample with antialiasing."""
+    big = np.asarray(render(meta, seed=seed, size=128))
+    out = np.full_like(big, 255)
+    for rgb in PALETTE.values():
+        mask = Image.fromarray(((big == rgb).all(-1) * 255).astype(np.uint8))
+        soft = np.asarray(mask.filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 3.5))))
+        out[soft >= 128] = rgb
+    return Image.fromarray(out).resize((32, 32), Image.LANCZOS)
+
+
+@pytest.mark.parametrize("degradation", ["blur_noise", "shifted_colours", "rounded", "downsampled"])
+def test_verify_is_robust_to_mild_degradations(degradation):
+    rng = np.random.default_rng(5)
+    metas = sample_metadata(300, seed=31) + sample_metadata(100, seed=32, split="test")
+    accepted = 0
+    for i, meta in enumerate(metas):
+        if degradation == "blur_noise":
+            img = _blur_noise(render(meta, seed=i), rng)
+        elif degradation == "shifted_colours":
+            img = _shift_colours(render(meta, seed=i), rng)
+        elif degradation == "rounded":
+            img = _rounded(meta, i, rng)
+        else:
+            img = render(meta, seed=i, size=128).resize((32, 32), Image.BOX)
+        accepted += verify(img, meta).correct
+    assert accepted / len(metas) >= 0.97, accepted / len(metas)
+
+
+def test_rounded_triangles_stay_triangles():
+    rng = np.random.default_rng(0)
+    meta = {"tag": "counting", "include": [{"class": "triangle", "count": 3}], "prompt": "three triangles"}
+    shapes = [o.shape for seed in range(20) for o in verify(_rounded(meta, seed, rng), meta).objects]
+    assert shapes.count("triangle") >= 0.97 * len(shapes) and len(shapes) >= 57
+
+
+# --------------------------------------------------------------------------- metadata forms, evaluate, reward
+
+
+def test_metadata_as_json_and_with_none_keys():
+    meta = sample_metadata(1, seed=2, tags=["colors"])[0]
+    img = render(meta, seed=0)
+    arrow_like = {
+        "tag": meta["tag"],
+        "prompt": meta["prompt"],
+        "exclude": None,
+        "include": [{**c, "position": None} for c in meta["include"]],
+    }
+    assert verify(img, json.dumps(meta)).correct
+    assert verify(img, arrow_like).correct
+    assert verify(np.asarray(img), meta).correct
+    with pytest.raises(ValueError, match="metadata"):
+        verify(img, "{not json")
+    with pytest.raises(ValueError, match="include"):
+        verify(img, {"tag": "colors", "prompt": "x"})
+
+
+def test_evaluate_is_the_mean_of_tag_accuracies():
+    metas = sample_metadata(12, seed=4, tags=["colors", "colors", "counting"])
+    images = [render(m, seed=i) for i, m in enumerate(metas)]
+    colour_rows = [i for i, m in enumerate(metas) if m["tag"] == "colors"]
+    images[colour_rows[0]] = None  # a failed sample counts as wrong
+    images[colour_rows[1]] = Image.new("RGB", (32, 32), "white")
+    scores = evaluate(images, metas)
+    assert scores["counts"] == {"counting": 4, "colors": 8}
+    assert scores["counting"] == 1.0
+    assert scores["colors"] == pytest.approx(6 / 8)
+    assert scores["overall"] == pytest.approx((1.0 + 6 / 8) / 2)
+    with pytest.raises(ValueError, match="lengths"):
+        evaluate(images[:3], metas)
+
+
+def test_verifier_reward():
+    metas = sample_metadata(6, seed=9)
+    images = [render(m, seed=i) for i, m in enumerate(metas)]
+    images[1] = None
+    images[2] = (
+        render(metas[3], seed=0)
+        if metas[2]["tag"] != metas[3]["tag"]
+        else Image.new("RGB", (32, 32), "white")
+    )
+    prompts = [m["prompt"] for m in metas]
+    expected = [1.0, None, 0.0, 1.0, 1.0, 1.0]
+    assert verifier_reward(prompts, images, metadata=metas) == expected
+    assert (
+        verifier_reward(prompts, images, metadata=[json.dumps(m) for m in metas], trainer_state=None)
+        == expected
+    )
+    assert (
+        verifier_reward(prompts=prompts, completions=images, metadata=metas) == expected
+    )  # autoregressive form
+    assert verifier_reward(prompts=prompts, completions=[[im] for im in images], metadata=metas) == expected
+    assert verifier_reward.requires_images is True and verifier_reward.__name__ == "verifier_reward"
+    partial = toyworld.verifier_reward_partial
+    assert partial.__name__ == "verifier_reward_partial" and partial.requires_images
+    counting = {
+        "tag": "counting",
+        "include": [{"class": "circle", "count": 2}],
+        "exclude": [{"class": "circle", "count": 3}],
+        "prompt": "two circles",
+    }
+    three = render({**counting, "include": [{"class": "circle", "count": 3}], "exclude": []}, seed=0)
+    assert verifier_reward([""], [three], metadata=[counting]) == [0.0]
+    assert verifier_reward([""], [three], metadata=[counting], partial_credit=True) == [0.5]
+    assert partial([""], [three], metadata=[counting]) == [0.5]
+    with pytest.raises(ValueError, match="metadata"):
+        verifier_reward(prompts, images, metadata=metas[:2])
+    with pytest.raises(ValueError, match="images"):
+        verifier_reward(prompts, metadata=metas)
+
+
+def test_toyworld_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, trl_intrinsic.toyworld; print(sorted(m for m in ('torch', 'trl', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
