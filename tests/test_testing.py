@@ -415,3 +415,31 @@ def test_sana_pipeline_is_seeded_and_reloads(tmp_path):
     reloaded = SanaPipeline.from_pretrained(tmp_path)
     assert _same_weights(_state_dicts(*_sana_modules(a)), _state_dicts(*_sana_modules(reloaded)))
     np.testing.assert_array_equal(expected, _sana_call(reloaded))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_built_in_word_is_one_token_in_every_tokenizer():
+    # BPE merges interfere across words (e.g. "re" from "red" inside "squares"); the merge table
+    # is learned like BPE training so that each listed word still ends as a single token.
+    tokenizers = {
+        "clip": testing._clip_tokenizer(),
+        "t5": testing._t5_tokenizer(),
+        "llama": testing._llama_tokenizer(),
+        "gemma": testing._gemma_tokenizer(),
+    }
+    for name, tokenizer in tokenizers.items():
+        for word in testing._WORDS:
+            pieces = tokenizer.tokenize(f"{word} {word}")
+            assert len(pieces) == 2, (name, word, pieces)
+        assert tokenizer.unk_token_id not in tokenizer(ODD_PROMPT, add_special_tokens=False).input_ids, name
+
+
+def test_tokenizers_are_identical_across_builds():
+    assert testing._clip_tokenizer().get_vocab() == testing._clip_tokenizer().get_vocab()
+    assert testing._word_merges(["squares", "red"], list) == testing._word_merges(["squares", "red"], list)
+    tokens, merges = testing._word_merges(["red", "squares"], list)
+    assert tokens[-1] in ("squares", "red") and all(a + b in tokens for a, b in merges)

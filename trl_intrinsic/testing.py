@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -80,26 +82,41 @@ def _merged_config(
 def _word_merges(
     words: Iterable[str], split: Callable[[str], list[str]]
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """BPE merges that assemble each word left to right into a single token.
+    """Learn BPE merges on ``words`` until each word is a single token.
 
     ``split(word)`` gives the word's initial symbols (which must already be in the vocabulary).
-    Returns the new tokens (merge results, in order) and the merges. Every merge result is in the
-    returned token list, so any merge order the BPE model applies yields known tokens.
+    This is BPE training on a corpus holding each word once: repeatedly merge the most frequent
+    adjacent pair everywhere, ties broken by the pair itself so the result does not depend on the
+    process (``tokenizers``' own trainer breaks ties by hash order). Because encoding replays the
+    merges in rank order, every word of the list encodes as one token.
+
+    Returns:
+        The merge results (new vocabulary entries, in merge order) and the merges.
     """
+    corpus = [split(word) for word in dict.fromkeys(words)]
     tokens: list[str] = []
     merges: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for word in words:
-        symbols = split(word)
-        left = symbols[0]
-        for right in symbols[1:]:
-            merged = left + right
-            if merged not in seen:
-                seen.add(merged)
-                tokens.append(merged)
-                merges.append((left, right))
-            left = merged
-    return tokens, merges
+    while True:
+        counts = Counter(pair for symbols in corpus for pair in pairwise(symbols))
+        if not counts:
+            return tokens, merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        corpus = [_apply_merge(symbols, best) for symbols in corpus]
+
+
+def _apply_merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def _clip_tokenizer(model_max_length: int = 77):
@@ -111,7 +128,7 @@ def _clip_tokenizer(model_max_length: int = 77):
     words, merges = _word_merges(_WORDS, lambda w: [*w[:-1], w[-1] + "</w>"])
     pieces = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet), *words]
     return CLIPTokenizer(
-        vocab={piece: i for i, piece in enumerate(pieces)},
+        vocab={piece: i for i, piece in enumerate(dict.fromkeys(pieces))},
         merges=merges,
         model_max_length=model_max_length,
     )
@@ -151,12 +168,13 @@ def _metaspace_bpe_vocab(special_tokens: Iterable[str]) -> tuple[dict[str, int],
     """Vocabulary and merges of a sentencepiece-style BPE with byte fallback (Llama, Gemma).
 
     Layout: special tokens, the 256 byte tokens ``<0x00>``…``<0xFF>``, ``▁``, printable ASCII, then
-    the ``▁word`` tokens of the built-in word list.
+    the ``▁word`` and ``word`` tokens of the built-in word list (Gemma adds no ``▁`` before the
+    first word of a text).
     """
-    words, merges = _word_merges(_WORDS, lambda w: [_METASPACE, *w])
+    words, merges = _word_merges([*(_METASPACE + w for w in _WORDS), *_WORDS], list)
     bytes_ = (f"<0x{b:02X}>" for b in range(256))
-    pieces = [*dict.fromkeys(special_tokens), *bytes_, _METASPACE, *_ASCII_CHARS, *words]
-    return {piece: i for i, piece in enumerate(pieces)}, merges
+    pieces = [*special_tokens, *bytes_, _METASPACE, *_ASCII_CHARS, *words]
+    return {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}, merges
 
 
 def _llama_tokenizer(chat_template: str | None = None, **named_special_tokens: str):
