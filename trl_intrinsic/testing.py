@@ -212,10 +212,11 @@ def _gemma_tokenizer():
     return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, **specials)
 
 
-def _tiny_llama_config(tokenizer, hidden_size: int, **kwargs: Any):
+def _tiny_llama_config(tokenizer, hidden_size: int, **overrides: Any):
+    """A 2-layer ``LlamaConfig`` sized to ``tokenizer``; ``overrides`` replace any default."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    defaults = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -226,8 +227,8 @@ def _tiny_llama_config(tokenizer, hidden_size: int, **kwargs: Any):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
     )
+    return LlamaConfig(**_merged_config(defaults, overrides, LlamaConfig, "LlamaConfig"))
 
 
 def _tiny_clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
@@ -515,7 +516,7 @@ _CHAT_TEMPLATE = (
 def tiny_causal_lm(seed: int = 0, **overrides: Any):
     """A tiny random ``LlamaForCausalLM`` (about 50 k parameters) and its fast tokenizer.
 
-    The tokenizer (about 540 tokens: whole words for a small built-in list, ASCII characters and
+    The tokenizer (about 560 tokens: whole words for a small built-in list, ASCII characters and
     a byte fallback, so any text round-trips) prepends BOS, pads with ``<pad>`` and has a chat
     template with ``system``/``user``/``assistant`` roles, so TRL's ``GRPOTrainer`` accepts both
     standard and conversational prompts.
@@ -529,12 +530,11 @@ def tiny_causal_lm(seed: int = 0, **overrides: Any):
         ``(model, tokenizer)``: a ``LlamaForCausalLM`` in fp32 whose ``generation_config`` carries the
         tokenizer's BOS/EOS/PAD ids, and a ``PreTrainedTokenizerFast`` (``LlamaTokenizer``).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     roles = {f"{r}_role_token": f"<|{r}|>" for r in ("system", "user", "assistant")}
     tokenizer = _llama_tokenizer(chat_template=_CHAT_TEMPLATE, **roles)
-    config = _tiny_llama_config(tokenizer, hidden_size=32)
-    config = LlamaConfig(**_merged_config(config.to_dict(), overrides, LlamaConfig, "LlamaConfig"))
+    config = _tiny_llama_config(tokenizer, hidden_size=overrides.pop("hidden_size", 32), **overrides)
     with _seeded(seed):
         model = LlamaForCausalLM(config)
     _set_special_token_ids(model.generation_config, tokenizer)
@@ -573,7 +573,7 @@ def restore_janus_generation_config(model, processor):
 def tiny_janus(seed: int = 0):
     """A tiny random ``JanusForConditionalGeneration`` (about 0.56 M parameters) and its ``JanusProcessor``.
 
-    * language model: Llama, hidden 64, 2 layers; vocabulary of about 540 tokens (see
+    * language model: Llama, hidden 64, 2 layers; vocabulary of about 560 tokens (see
       :func:`tiny_causal_lm`) plus ``<image_placeholder>``, ``<begin_of_image>``, ``<end_of_image>``;
     * understanding: SigLIP-style vision tower on 64×64 px images, patch 16 → 16 image tokens;
     * generation: ``JanusVQVAE`` with 64 codes (``embed_dim=8``), 16 image tokens per image on a
