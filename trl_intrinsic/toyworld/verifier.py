@@ -199,10 +199,13 @@ def _hole_share(planes: np.ndarray, boxes: list, core_area: np.ndarray) -> np.nd
 
     Holes are counted inside each component's bounding box with a summed-area table of the hole mask.
     """
-    # Empty planes around the stack: otherwise the first and last colour planes lie wholly on the
-    # volume's border, where fill_holes sees no enclosed pixel.
-    padded = np.pad(planes, ((1, 1), (0, 0), (0, 0)))
-    holes = (ndimage.binary_fill_holes(padded, structure=_STRUCTURE_4) & ~padded)[1:-1]
+    # Background regions of each colour plane (4-connected) that do not touch the image border.
+    background, count = ndimage.label(~planes, structure=_STRUCTURE_4)
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[0] = True  # object pixels
+    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+        outside[edge] = True
+    holes = ~outside[background]
     table = np.zeros((planes.shape[0], planes.shape[1] + 1, planes.shape[2] + 1), dtype=np.int32)
     table[:, 1:, 1:] = holes.cumsum(1).cumsum(2)
     box = np.array(
