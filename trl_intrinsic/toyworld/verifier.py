@@ -248,16 +248,18 @@ def detect_objects(
     core_area = np.bincount(lab, minlength=n + 1)
     if min_area is None:
         min_area = MIN_AREA_32 * (height * width) / (32.0 * 32.0)
+    colour = np.zeros(n + 1, dtype=np.intp)
+    colour[lab] = best[ys, xs]
     fy, fx = np.nonzero(faint)
     if fy.size:
-        near = ndimage.grey_dilation(labels, footprint=_STRUCTURE)[best[fy, fx], fy, fx]
-        attached = near > 0
+        # A faint pixel joins a core component of its own colour among its 8 neighbours.
+        flat = labels.max(axis=0)  # (H, W): each core pixel has one colour, so one label
+        near = ndimage.maximum_filter(flat, size=3)[fy, fx]
+        attached = (near > 0) & (colour[near] == best[fy, fx])
         ys, xs = np.concatenate([ys, fy[attached]]), np.concatenate([xs, fx[attached]])
         lab = np.concatenate([lab, near[attached]])
     mass = np.minimum(strength[ys, xs], 1.0)
     feats = _shape_features(lab, ys, xs, mass, n, height, width)
-    colour = np.zeros(n + 1, dtype=np.intp)
-    colour[lab] = best[ys, xs]
 
     ids = np.nonzero(core_area >= min_area)[0]
     ids = ids[ids > 0]
