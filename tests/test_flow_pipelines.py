@@ -15,18 +15,18 @@ STEPS = 4
 
 
 def _factories():
-    factories = [("sd3", testing.tiny_sd3_pipeline, 4.5, {})]
+    factories = [("sd3", testing.tiny_sd3_pipeline, 4.5, {}, {})]
     if hasattr(testing, "tiny_flux_pipeline"):
-        factories.append(("flux", testing.tiny_flux_pipeline, 3.5, {"max_sequence_length": 16}))
+        factories.append(("flux", testing.tiny_flux_pipeline, 3.5, {"max_sequence_length": 16}, {}))
     if hasattr(testing, "tiny_sana_pipeline"):
-        factories.append(("sana", testing.tiny_sana_pipeline, 4.5, {}))
+        factories.append(("sana", testing.tiny_sana_pipeline, 4.5, {}, {"use_resolution_binning": False}))
     return factories
 
 
 @pytest.fixture(params=_factories(), ids=lambda f: f[0])
 def pipeline_case(request):
-    name, factory, guidance, call_kwargs = request.param
-    return name, factory(), guidance, call_kwargs
+    name, factory, guidance, call_kwargs, pipe_only_kwargs = request.param
+    return name, factory(), guidance, call_kwargs, pipe_only_kwargs
 
 
 def _deterministic_rollout(adapter, guidance, call_kwargs, seed):
@@ -41,10 +41,10 @@ def _deterministic_rollout(adapter, guidance, call_kwargs, seed):
 
 
 def test_noise_level_zero_reproduces_the_pipeline(pipeline_case):
-    _, pipe, guidance, call_kwargs = pipeline_case
+    _, pipe, guidance, call_kwargs, pipe_only = pipeline_case
     expected = pipe(
         PROMPTS, num_images_per_prompt=G, num_inference_steps=STEPS, guidance_scale=guidance, height=SIZE,
-        width=SIZE, generator=torch.Generator().manual_seed(3), output_type="latent", **call_kwargs,
+        width=SIZE, generator=torch.Generator().manual_seed(3), output_type="latent", **call_kwargs, **pipe_only,
     ).images  # fmt: skip
     rollout = _deterministic_rollout(get_flow_adapter(pipe), guidance, call_kwargs, seed=3)
     assert rollout.final_latents.shape == expected.shape
@@ -53,10 +53,10 @@ def test_noise_level_zero_reproduces_the_pipeline(pipeline_case):
 
 
 def test_decode_matches_the_pipeline_images(pipeline_case):
-    _, pipe, guidance, call_kwargs = pipeline_case
+    _, pipe, guidance, call_kwargs, pipe_only = pipeline_case
     expected = pipe(
         PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE,
-        generator=torch.Generator().manual_seed(5), output_type="np", **call_kwargs,
+        generator=torch.Generator().manual_seed(5), output_type="np", **call_kwargs, **pipe_only,
     ).images  # fmt: skip
     adapter = get_flow_adapter(pipe)
     embeddings = adapter.encode_prompts(PROMPTS[:1], negative_prompt="", **call_kwargs)
@@ -73,7 +73,7 @@ def test_decode_matches_the_pipeline_images(pipeline_case):
 
 
 def test_stored_transitions_recompute_the_sampled_log_probs(pipeline_case):
-    _, pipe, guidance, call_kwargs = pipeline_case
+    _, pipe, guidance, call_kwargs, _ = pipeline_case
     adapter = get_flow_adapter(pipe)
     embeddings = adapter.encode_prompts(PROMPTS, negative_prompt="", **call_kwargs)
     rows = torch.arange(len(PROMPTS)).repeat_interleave(G)
