@@ -170,9 +170,20 @@ class FlowGRPOTrainer(_BaseTrainer):
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         kwargs.setdefault("trust_remote_code", False)
+        # Components saved as absent (e.g. SD3 without T5: `[null, null]` in model_index.json) must be
+        # passed as None explicitly, or diffusers refuses to load the pipeline.
+        index = DiffusionPipeline.load_config(str(model))
+        for name, entry in index.items():
+            if (
+                isinstance(entry, list | tuple)
+                and len(entry) == 2
+                and entry[0] is None
+                and name not in kwargs
+            ):
+                kwargs[name] = None
         return DiffusionPipeline.from_pretrained(
             str(model),
-            torch_dtype=dtype if dtype not in (None, "auto") else torch.float32,
+            dtype=dtype if dtype not in (None, "auto") else torch.float32,
             use_safetensors=True,
             **kwargs,
         )
