@@ -144,8 +144,8 @@ def render(metadata: Mapping[str, Any] | str, *, seed: int = 0, size: int = BASE
     Args:
         metadata: GenEval-style metadata (see :mod:`trl_intrinsic.toyworld.scenes`).
         seed: seed of the layout (sizes, positions, free colours); deterministic.
-        size: side of the square image in pixels (≥ 16); objects scale with it (7.5–12 px at 32).
+        size: side of the square image in pixels (≥ 24); objects scale with it (7.5–12 px at 32).
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
-        raise ValueError(f"size: expected an int ≥ 16, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 24:
+        raise ValueError(f"size: expected an int ≥ 24 (smaller objects cannot be told apart), got {size!r}")
     return render_layout(layout(metadata, np.random.default_rng(seed)), int(size))

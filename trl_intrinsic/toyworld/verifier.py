@@ -1,6 +1,6 @@
 """Rule-based verifier of toy-world images against GenEval-style metadata, and GenEval-style scoring.
 
-Pipeline (all vectorised; one call of ``scipy.ndimage.label`` per image):
+Pipeline (vectorised numpy; two calls of ``scipy.ndimage.label`` per image, whatever its content):
 
 1. **Colour segmentation.** For each pixel, its *absorbance* ``a = 255 − rgb`` is compared with each
    palette colour's absorbance ``p``. Blending a colour with the white background scales ``a``
@@ -311,8 +311,7 @@ def _matches(obj: DetectedObject, clause: Mapping[str, Any]) -> bool:
 
 
 def _describe(clause: Mapping[str, Any]) -> str:
-    noun = clause["class"] if "color" not in clause else f"{clause['color']} {clause['class']}"
-    return f"{noun}"
+    return clause["class"] if "color" not in clause else f"{clause['color']} {clause['class']}"
 
 
 def _check(objects: list[DetectedObject], meta: dict) -> tuple[list[ClauseResult], bool]:
@@ -344,7 +343,7 @@ def _check(objects: list[DetectedObject], meta: dict) -> tuple[list[ClauseResult
                 placed = [
                     o
                     for o in candidates[i]
-                    if o not in chosen and all(_relation_holds(o, t, rel) for t in chosen)
+                    if all(o is not t for t in chosen) and all(_relation_holds(o, t, rel) for t in chosen)
                 ]
                 if len(placed) >= need:
                     ok = True
