@@ -422,3 +422,45 @@ def test_toyworld_import_is_light():
     code = "import sys, trl_intrinsic.toyworld; print(sorted(m for m in ('torch', 'trl', 'diffusers', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _two_squares(dx, dy):
+    """A red square at the centre-left and a blue one offset by (dx, dy) pixels, drawn at 64 px."""
+    x0, y0 = 20, 24
+
+    def draw(d):
+        d.rectangle([x0, y0, x0 + 9, y0 + 9], fill=PALETTE["red"])
+        d.rectangle([x0 + dx, y0 + dy, x0 + dx + 9, y0 + dy + 9], fill=PALETTE["blue"])
+
+    return _draw(draw, size=64)
+
+
+@pytest.mark.parametrize(
+    ("dx", "dy", "holds"),
+    [
+        (16, 0, {"right of"}),
+        (-16, 2, {"left of"}),
+        (3, 20, {"below"}),
+        (0, -18, {"above"}),
+        (16, 16, {"right of", "below"}),  # diagonal: both, as in GenEval
+        (12, 30, {"below"}),
+    ],
+)
+def test_relations_follow_geneval_rule(dx, dy, holds):
+    img = _two_squares(dx, dy)
+    for rel in ("left of", "right of", "above", "below"):
+        meta = {
+            "tag": "position",
+            "include": [
+                {"class": "square", "count": 1, "color": "red"},
+                {"class": "square", "count": 1, "color": "blue", "position": [rel, 0]},
+            ],
+            "prompt": f"a blue square {rel} a red square",
+        }
+        assert verify(img, meta).correct == (rel in holds), rel
+
+
+@pytest.mark.parametrize("size", [24, 48, 128])
+def test_verify_accepts_renders_at_other_sizes(size):
+    metas = sample_metadata(36, seed=size) + sample_metadata(10, seed=size, split="test")
+    assert all(verify(render(m, seed=i, size=size), m).correct for i, m in enumerate(metas))
