@@ -81,8 +81,8 @@ def _compositions(meta):
     for clause in inc + meta.get("exclude", []):
         if (clause.get("color"), clause["class"]) in HELD_OUT_PAIRS:
             found.add("pair")
-        if meta["tag"] == "counting" and (clause["class"], clause["count"]) in HELD_OUT_COUNTS:
-            found.add("count")
+    if meta["tag"] == "counting" and (inc[0]["class"], inc[0]["count"]) in HELD_OUT_COUNTS:
+        found.add("count")
     if meta["tag"] == "two_object" and (inc[0]["class"], inc[1]["class"]) in HELD_OUT_SHAPE_ORDERS:
         found.add("order")
     if (

@@ -16,7 +16,7 @@ Every tag has a finite prompt space (:func:`prompt_space`). The ``"test"`` split
 that contain at least one *held-out composition*, and the ``"train"`` split all the others:
 
 - colour–shape pairings :data:`HELD_OUT_PAIRS` (one colour per shape; tags ``colors``, ``color_attr``),
-- shape–count pairings :data:`HELD_OUT_COUNTS` (tag ``counting``, include and exclude clauses),
+- shape–count pairings :data:`HELD_OUT_COUNTS` (tag ``counting``: the count the prompt names),
 - mention orders of two shapes :data:`HELD_OUT_SHAPE_ORDERS` (tag ``two_object``),
 - spatial arrangements :data:`HELD_OUT_POSITIONS` (tag ``position``; an arrangement is held out under
   both of its phrasings, "a circle left of a square" and "a square right of a circle").
@@ -81,7 +81,7 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 """(colour, shape) pairings that only test prompts mention."""
 
 HELD_OUT_COUNTS: frozenset[tuple[str, int]] = frozenset({("circle", 4), ("square", 2), ("triangle", 3)})
-"""(shape, count) pairings that only test counting prompts mention (as include or exclude count)."""
+"""(shape, count) pairings that only test counting prompts name (the include clause's count)."""
 
 HELD_OUT_SHAPE_ORDERS: frozenset[tuple[str, str]] = frozenset(
     {("triangle", "circle"), ("square", "triangle")}
@@ -183,8 +183,10 @@ def held_out_compositions(metadata: Mapping[str, Any] | str) -> set[tuple]:
     for clause in [*include, *meta.get("exclude", [])]:
         if "color" in clause and (clause["color"], clause["class"]) in HELD_OUT_PAIRS:
             found.add(("pair", clause["color"], clause["class"]))
-        if meta["tag"] == "counting" and (clause["class"], clause["count"]) in HELD_OUT_COUNTS:
-            found.add(("count", clause["class"], clause["count"]))
+    if meta["tag"] == "counting":
+        for clause in include:
+            if (clause["class"], clause["count"]) in HELD_OUT_COUNTS:
+                found.add(("count", clause["class"], clause["count"]))
     if meta["tag"] == "two_object" and len(include) == 2:
         order = (include[0]["class"], include[1]["class"])
         if order in HELD_OUT_SHAPE_ORDERS:
