@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from trl_intrinsic.trainers.grpo_math import clipped_policy_loss, gaussian_mean_kl, group_advantages
+from trl_intrinsic.trainers.grpo_math import (
+    clipped_policy_loss,
+    combine_rewards,
+    gaussian_mean_kl,
+    group_advantages,
+)
 
 
 def test_group_advantages_match_numpy():
@@ -75,3 +80,42 @@ def test_gaussian_mean_kl():
     std = torch.tensor([[0.5], [1.0]])
     torch.testing.assert_close(gaussian_mean_kl(mean, ref, std), torch.tensor([2.0, 4.0 / 2 / 3]))
     assert torch.equal(gaussian_mean_kl(mean, mean, std), torch.zeros(2))
+
+
+def test_combine_rewards_sum_then_normalize_is_group_advantage_of_weighted_sum():
+    rewards = torch.tensor([[1.0, 10.0], [2.0, 30.0], [0.0, 20.0], [4.0, 20.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    weights = torch.tensor([1.0, 0.1])
+    advantages, summed = combine_rewards(rewards, weights, groups, scale_rewards="group")
+    torch.testing.assert_close(summed, torch.tensor([2.0, 5.0, 2.0, 6.0]))
+    torch.testing.assert_close(advantages, group_advantages(summed, groups, scale_rewards="group"))
+
+
+def test_combine_rewards_normalize_then_sum_equalises_reward_scales():
+    # The second reward is 1000x larger; normalised per reward, both contribute alike.
+    first = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    rewards = torch.stack([first, 1000 * (1 - first)], dim=1)
+    groups = torch.tensor([0, 0, 1, 1])
+    advantages, _ = combine_rewards(
+        rewards, torch.tensor([2.0, 1.0]), groups, aggregation="normalize_then_sum"
+    )
+    expected = (first - 0.5) * 2
+    assert torch.all(torch.sign(advantages) == torch.sign(expected))
+    torch.testing.assert_close(advantages.abs(), torch.ones(4), atol=1e-3, rtol=0)
+    # sum-then-normalise would be dominated by the large reward instead
+    dominated, _ = combine_rewards(rewards, torch.tensor([2.0, 1.0]), groups)
+    assert torch.all(torch.sign(dominated) == -torch.sign(expected))
+
+
+def test_combine_rewards_skips_none_and_zeroes_unscored_rows():
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, nan], [3.0, 1.0], [nan, nan], [0.0, 0.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        advantages, summed = combine_rewards(rewards, torch.ones(2), groups, aggregation=aggregation)
+        assert advantages[2] == 0 and torch.isnan(summed[2])
+        assert torch.isfinite(advantages).all()
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        combine_rewards(rewards, torch.ones(2), groups, aggregation="mean")
+    with pytest.raises(ValueError, match="rewards_per_func"):
+        combine_rewards(rewards, torch.ones(3), groups)
