@@ -40,6 +40,29 @@ logger = logging.get_logger(__name__)
 
 _ADAPTERS: list[type[FlowPipelineAdapter]] = []
 
+#: LoRA targets of MMDiT transformers (SD3, FLUX.1): image and text attention projections (Flow-GRPO's set)
+MMDIT_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+
+def _resolution_shift(scheduler_config, image_seq_len: int, default_max_shift: float) -> float:
+    """``mu`` of resolution-dependent timestep shifting, as SD3.5 / FLUX.1 pipelines compute it."""
+    return calculate_shift(
+        image_seq_len,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", default_max_shift),
+    )
+
 
 @dataclass
 class PromptEmbeddings:
@@ -299,16 +322,7 @@ class StableDiffusion3Adapter(FlowPipelineAdapter):
     """SD3 / SD3.5: CLIP-L + CLIP-G (+ T5) text, pooled projections, unpacked 16-channel latents."""
 
     pipeline_class = StableDiffusion3Pipeline
-    lora_target_modules = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_target_modules = MMDIT_LORA_TARGETS
 
     def _encode(self, prompts, *, negative, **kwargs):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
@@ -328,13 +342,7 @@ class StableDiffusion3Adapter(FlowPipelineAdapter):
             return {}
         patch = self.transformer.config.patch_size
         seq_len = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
-        mu = calculate_shift(
-            seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
+        mu = _resolution_shift(config, seq_len, default_max_shift=1.16)
         return {"mu": mu}
 
     def _transformer_forward(self, transformer, latents, timesteps, conditioning, guidance_scale):
@@ -361,16 +369,7 @@ class FluxAdapter(FlowPipelineAdapter):
     """
 
     pipeline_class = FluxPipeline
-    lora_target_modules = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_target_modules = MMDIT_LORA_TARGETS
     uses_negative_prompt = False
 
     def _encode(self, prompts, *, negative, **kwargs):
@@ -404,13 +403,7 @@ class FluxAdapter(FlowPipelineAdapter):
     def _scheduler_kwargs(self, height, width):
         config = self.scheduler.config
         seq_len = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
-        mu = calculate_shift(
-            seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = _resolution_shift(config, seq_len, default_max_shift=1.15)
         return {"mu": mu}
 
     def set_timesteps(self, num_inference_steps, height, width):
