@@ -64,6 +64,8 @@ def test_first_iteration_is_on_policy_and_kl_starts_at_zero(tmp_path):
     np.testing.assert_allclose(metrics["approx_kl"], 0.0, atol=1e-10)
     assert metrics["kl"] and all(kl == 0.0 for kl in metrics["kl"])  # zero-initialised LoRA = base model
     assert len(metrics["ratio"]) == 2  # 3 sampler steps: the terminal one is never trained
+    for key in ("timing/sampling_s", "timing/decode_s", "timing/rewards_s", "timing/train_step_s"):
+        assert metrics[key] and metrics[key][0] >= 0
 
 
 def test_only_lora_weights_change(tmp_path):
@@ -305,3 +307,26 @@ def test_model_can_be_a_local_pipeline_directory(tmp_path):
     assert trainer.pipeline.transformer.dtype == torch.float32
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_config_parses_beside_trl_model_config(tmp_path):
+    from trl import ModelConfig, TrlParser, get_peft_config
+
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text(
+        "output_dir: out\nnum_generations: 4\nper_device_train_batch_size: 4\ntimestep_fraction: 0.6\n"
+        "timestep_selection: suffix\nuse_peft: true\nlora_r: 8\nlora_alpha: 16\n"
+    )
+    args, model_args = TrlParser((FlowGRPOConfig, ModelConfig)).parse_args_and_config(
+        ["--config", str(config_file), "--use_cpu", "true", "--bf16", "false"]
+    )
+    assert args.timestep_selection == "suffix" and args.timestep_fraction == 0.6
+    peft_config = get_peft_config(model_args)
+    assert peft_config.r == 8
+    trainer = _trainer(tmp_path)
+    trainer_peft = FlowGRPOTrainer(
+        tiny_sd3_pipeline(), brightness, args=_config(tmp_path), train_dataset=trainer.train_dataset,
+        peft_config=peft_config,
+    )  # fmt: skip
+    targets = trainer_peft.pipeline.transformer.peft_config["default"].target_modules
+    assert set(targets) == set(trainer_peft.adapter.lora_target_modules)

@@ -21,6 +21,8 @@ class FlowGRPOConfig(GRPOConfig):
     `multi_objective_aggregation` (`"normalize_then_sum"` normalises each reward's advantages separately
     before weighting — the SOLACE authors' hybrid mode), `log_completions`, `model_init_kwargs`.
     Text-generation knobs of `GRPOConfig` (`max_completion_length`, `temperature`, vLLM, …) are ignored.
+    LoRA settings come with the `peft_config` (in scripts, TRL's `ModelConfig`: `lora_r`, `lora_alpha`,
+    `lora_target_modules`); without target modules, the pipeline adapter's defaults are used.
 
     Defaults differing from `GRPOConfig` follow Flow-GRPO: `learning_rate=3e-4`, `beta=0.04`,
     `epsilon=1e-4`, `scale_rewards="batch"`; activation checkpointing is off by default.
@@ -56,8 +58,6 @@ class FlowGRPOConfig(GRPOConfig):
             (`"suffix"`, SOLACE: the later, low-noise steps).
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to `±adv_clip_max`.
-        lora_target_modules (`list[str]` or `None`, *optional*):
-            Used when a `peft_config` has no `target_modules`: `None` takes the pipeline adapter's defaults.
         save_full_pipeline (`bool`, *optional*, defaults to `False`):
             When fine-tuning without LoRA, also save the whole pipeline at the end of training.
     """
@@ -103,9 +103,6 @@ class FlowGRPOConfig(GRPOConfig):
         default="prefix", metadata={"help": "Train the first ('prefix') or last ('suffix') stochastic steps."}
     )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to ±adv_clip_max."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "LoRA target modules when the peft_config names none."}
-    )
     save_full_pipeline: bool = field(
         default=False, metadata={"help": "Without LoRA, also save the whole pipeline at the end."}
     )

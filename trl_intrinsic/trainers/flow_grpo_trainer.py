@@ -26,6 +26,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -201,9 +202,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         if peft_config is not None:
             peft_config = copy.deepcopy(peft_config)
             if not peft_config.target_modules:
-                peft_config.target_modules = list(
-                    args.lora_target_modules or self.adapter.lora_target_modules
-                )
+                peft_config.target_modules = list(self.adapter.lora_target_modules)
             transformer.add_adapter(peft_config)
             for param in transformer.parameters():
                 if param.requires_grad:
@@ -331,6 +330,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         train_steps = train_step_indices(window, args.timestep_fraction, args.timestep_selection)
 
         generator = self._rng(self.accelerator.process_index, mode == "eval")
+        timing, started = self._metrics[mode], time.perf_counter()
         micro = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
@@ -359,14 +359,19 @@ class FlowGRPOTrainer(_BaseTrainer):
         latents = torch.cat([r.latents for r in rollouts])
         log_probs = torch.cat([r.log_probs for r in rollouts])
         final = latents[:, -1]
+        timing["timing/sampling_s"].append(time.perf_counter() - started)
 
+        started = time.perf_counter()
         images = None
         if self.requires_images or (mode == "eval" or args.log_completions):
             images = []
             for start in range(0, len(prompts), micro):
                 images += self.adapter.decode(final[start : start + micro], args.resolution, args.resolution)
 
+        timing["timing/decode_s"].append(time.perf_counter() - started)
+
         # Global position of each local row in the gathered batch; consecutive runs of G share a prompt.
+        started = time.perf_counter()
         n = len(prompts)
         offset = self.accelerator.process_index * n
         group_ids = (torch.arange(n, device=device) + offset) // self.num_generations
@@ -375,6 +380,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         )
         all_rewards = gather(rewards_per_func)
         all_groups = gather(group_ids)
+        timing["timing/rewards_s"].append(time.perf_counter() - started)
         advantages, rewards = combine_rewards(
             all_rewards,
             self.reward_weights.to(device),
@@ -531,6 +537,7 @@ class FlowGRPOTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """Sample (every ``steps_per_generation × num_iterations`` calls), then back-propagate the GRPO loss of
         each trained timestep of this micro-batch separately."""
+        started = time.perf_counter()
         model.train()
         batch = self._prepare_inputs(inputs)
         train_steps = batch["train_steps"]
@@ -549,6 +556,7 @@ class FlowGRPOTrainer(_BaseTrainer):
             total += loss.detach()
         if deepspeed_loss is not None:
             self.accelerator.backward(deepspeed_loss, scale_wrt_gas=False)
+        self._metrics["train"]["timing/train_step_s"].append(time.perf_counter() - started)
         self._step += 1
         return total
 
