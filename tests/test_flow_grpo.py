@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from datasets import Dataset
@@ -230,7 +231,10 @@ def test_push_to_hub_uploads_only_weights_and_card(tmp_path, monkeypatch):
     (upload,) = uploads
     assert upload["repo_id"] == "someone/tiny-flow-grpo"
     assert sorted(upload["allow_patterns"]) == ["README.md", "pytorch_lora_weights.safetensors"]
-    assert os.path.isdir(os.path.join(upload["folder_path"], "samples")), "sample grids are written locally"
+    samples = os.path.join(upload["folder_path"], "samples")
+    assert os.path.isfile(os.path.join(samples, "step_000001.png")), "sample grids are written locally"
+    table = pd.read_parquet(os.path.join(samples, "completions_000001.parquet"))
+    assert list(table.columns) == ["step", "prompt", "reward"] and len(table) == 4
 
 
 def test_evaluation_samples_deterministically(tmp_path):

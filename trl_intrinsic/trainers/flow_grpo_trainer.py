@@ -649,36 +649,29 @@ class FlowGRPOTrainer(_BaseTrainer):
             self._log_images()
 
     def _log_images(self) -> None:
-        samples = self._logged_samples
+        """Save the last rollout's image grid (one row per prompt group) and completions table under
+        ``output_dir/samples/``, and send both to wandb / trackio when they are in ``report_to``."""
+        import pandas as pd
+
+        samples, step = self._logged_samples, self.state.global_step
         directory = Path(self.args.output_dir) / "samples"
         directory.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(samples["image"], columns=self.num_generations)
-        grid.save(directory / f"step_{self.state.global_step:06d}.png")
-        captions = [
-            f"{p} | reward={r:.3f}" for p, r in zip(samples["prompt"], samples["reward"], strict=True)
-        ]
-        report_to = self.args.report_to or []
-        if "wandb" in report_to:
+        image_grid(samples["image"], columns=self.num_generations).save(directory / f"step_{step:06d}.png")
+        table = pd.DataFrame({"step": step, "prompt": samples["prompt"], "reward": samples["reward"]})
+        table.to_parquet(directory / f"completions_{step:06d}.parquet")
+        backends = []
+        if "wandb" in (self.args.report_to or []):
             import wandb
 
             if wandb.run is not None:
-                wandb.log(
-                    {
-                        "samples": [
-                            wandb.Image(i, caption=c) for i, c in zip(samples["image"], captions, strict=True)
-                        ]
-                    }
-                )
-        if "trackio" in report_to:
+                backends.append(wandb)
+        if "trackio" in (self.args.report_to or []):
             import trackio
 
-            trackio.log(
-                {
-                    "samples": [
-                        trackio.Image(i, caption=c) for i, c in zip(samples["image"], captions, strict=True)
-                    ]
-                }
-            )
+            backends.append(trackio)
+        for backend in backends:
+            images = [backend.Image(image) for image in samples["image"]]
+            backend.log({"completions": backend.Table(dataframe=table.assign(image=images))})
         self._logged_samples = {"prompt": [], "image": [], "reward": []}
 
     # ------------------------------------------------------------------ saving and loading
