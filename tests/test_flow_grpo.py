@@ -334,3 +334,18 @@ def test_config_parses_beside_trl_model_config(tmp_path):
     )  # fmt: skip
     targets = trainer_peft.pipeline.transformer.peft_config["default"].target_modules
     assert set(targets) == set(trainer_peft.adapter.lora_target_modules)
+
+
+def test_samples_do_not_depend_on_the_micro_batch_split(tmp_path):
+    """Noise is seeded per (seed, step, global sample position), not per call or per process."""
+    latents = []
+    for batch_size, steps_per_generation in ((4, 1), (2, 2)):
+        recorder = Recorder()
+        trainer = _trainer(
+            tmp_path, reward_funcs=[recorder], per_device_train_batch_size=batch_size,
+            steps_per_generation=steps_per_generation, learning_rate=0.0,
+        )  # fmt: skip
+        trainer.train()
+        latents.append(recorder.calls[0]["latents"])
+        assert recorder.calls[0]["group_ids"] == [0, 0, 1, 1]
+    torch.testing.assert_close(latents[0], latents[1], rtol=1e-5, atol=1e-5)

@@ -329,7 +329,9 @@ class FlowGRPOTrainer(_BaseTrainer):
             window, noise_level = sde_window(steps), 0.0
         train_steps = train_step_indices(window, args.timestep_fraction, args.timestep_selection)
 
-        generator = self._rng(self.accelerator.process_index, mode == "eval")
+        # One generator per sample, seeded by (seed, step, global position): the noise of a sample does not
+        # depend on how the batch is split across processes and micro-batches, and resumes reproduce it.
+        offset = self.accelerator.process_index * len(prompts)
         timing, started = self._metrics[mode], time.perf_counter()
         micro = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         transformer = self.accelerator.unwrap_model(self.model)
@@ -338,6 +340,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), micro):
             chunk = rows[start : start + micro]
+            generator = [self._rng(offset + start + i, mode == "eval") for i in range(len(chunk))]
             noise = self.adapter.prepare_latents(len(chunk), args.resolution, args.resolution, generator)
             rollouts.append(
                 sample_trajectories(
@@ -373,7 +376,6 @@ class FlowGRPOTrainer(_BaseTrainer):
         # Global position of each local row in the gathered batch; consecutive runs of G share a prompt.
         started = time.perf_counter()
         n = len(prompts)
-        offset = self.accelerator.process_index * n
         group_ids = (torch.arange(n, device=device) + offset) // self.num_generations
         rewards_per_func = self._calculate_rewards(
             inputs, prompts, images, final, embeddings, rows, sigmas, sigmas[train_steps], group_ids
