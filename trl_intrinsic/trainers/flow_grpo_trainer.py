@@ -562,29 +562,33 @@ class FlowGRPOTrainer(_BaseTrainer):
         self._step += 1
         return total
 
-    def _timestep_loss(self, model, batch: dict[str, Any], j: int) -> torch.Tensor:
-        """Clipped GRPO loss (+ β·KL) of sampler step ``j`` for one micro-batch; a scalar."""
-        args = self.args
-        x, x_next = batch["latents"][:, j], batch["latents"][:, j + 1]
-        sigmas, timesteps = batch["sigmas"], batch["timesteps"]
+    def _replay_step(self, transformer, batch: dict[str, Any], j: int):
+        """Re-evaluate stored transition ``j`` (x_j → x_{j+1}) of a micro-batch under ``transformer``."""
+        args, sigmas = self.args, batch["sigmas"]
+        x = batch["latents"][:, j]
         velocity = self.adapter.predict_velocity(
             x,
-            timesteps[j],
+            batch["timesteps"][j],
             batch["embeddings"],
             batch["rows"],
             guidance_scale=args.guidance_scale,
-            transformer=model,
+            transformer=transformer,
         )
-        step = sde_step_with_logprob(
+        return sde_step_with_logprob(
             velocity,
             x,
             sigmas[j],
             sigmas[j + 1],
             noise_level=args.noise_level,
-            prev_sample=x_next,
+            prev_sample=batch["latents"][:, j + 1],
             sde_type=args.sde_type,
             sigma_max=sigmas[1],
         )
+
+    def _timestep_loss(self, model, batch: dict[str, Any], j: int) -> torch.Tensor:
+        """Clipped GRPO loss (+ β·KL) of sampler step ``j`` for one micro-batch; a scalar."""
+        args = self.args
+        step = self._replay_step(model, batch, j)
         epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         loss, stats = clipped_policy_loss(
             step.log_prob,
@@ -603,24 +607,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         )
         if args.beta > 0:
             with torch.no_grad(), self._reference_model() as reference:
-                ref_velocity = self.adapter.predict_velocity(
-                    x,
-                    timesteps[j],
-                    batch["embeddings"],
-                    batch["rows"],
-                    guidance_scale=args.guidance_scale,
-                    transformer=reference,
-                )
-            ref_mean = sde_step_with_logprob(
-                ref_velocity,
-                x,
-                sigmas[j],
-                sigmas[j + 1],
-                noise_level=args.noise_level,
-                prev_sample=x_next,
-                sde_type=args.sde_type,
-                sigma_max=sigmas[1],
-            ).prev_sample_mean
+                ref_mean = self._replay_step(reference, batch, j).prev_sample_mean
             kl = gaussian_mean_kl(step.prev_sample_mean, ref_mean, step.std_dev).mean()
             metrics["kl"].append(kl.item())
             loss = loss + args.beta * kl
