@@ -211,3 +211,114 @@ def test_paper_recipe_config_parses():
     )
     assert (config.max_completion_length, config.image_token_num, config.image_size) == (1024, 576, 384)
     assert config.use_cot and config.janus_lora
+
+
+class _HeadLogits:
+    """Forward hook keeping the output of an output head (text or generation) at every call."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self._handle = module.register_forward_hook(lambda _m, _a, out: self.outputs.append(out.detach()))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def test_training_forward_reproduces_rollout_logps(tmp_path):
+    """The policy log-prob of a token (raw conditional logits, temperature 1) is the same in the rollout's
+    cached loops and in the teacher-forced training forward, for CoT and image tokens. Guidance and the
+    sampling temperatures only shape the sampler, not this quantity."""
+    trainer = _trainer(tmp_path, beta=0.0, temperature=0.7, image_temperature=0.8, cfg_weight=5.0)
+    janus = trainer._janus()
+    text_head, image_head = _HeadLogits(janus.lm_head), _HeadLogits(janus.model.generation_head)
+    try:
+        out = trainer._generate_and_score_completions(_batch(trainer))
+    finally:
+        text_head.remove()
+        image_head.remove()
+    # beta = 0 and one step per generation: the heads ran only inside the two sampling loops.
+    assert "old_per_token_logps" not in out and "ref_per_token_logps" not in out
+    assert len(image_head.outputs) == 16 and all(
+        o.shape == (8, 64) for o in image_head.outputs
+    )  # [cond; uncond]
+    assert 1 <= len(text_head.outputs) <= 5
+
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    width = out["completion_ids"].shape[1]
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, width, mm_token_type_ids=out["mm_token_type_ids"]
+        )
+    is_image = out["mm_token_type_ids"][:, -width:].bool()
+    trained = (out["completion_mask"] * out["tool_mask"]).bool()
+    checked_text = 0
+    for i in range(4):
+        text_slots = torch.nonzero(trained[i] & ~is_image[i]).squeeze(-1)
+        image_slots = torch.nonzero(is_image[i]).squeeze(-1)
+        assert len(image_slots) == 16 and bool(trained[i, image_slots].all())
+        for step, slot in enumerate(text_slots.tolist()):  # CoT token `step` was sampled at loop step `step`
+            token = out["completion_ids"][i, slot]
+            rollout = torch.log_softmax(text_head.outputs[step][i].double(), -1)[token]
+            assert logps[i, slot].item() == pytest.approx(rollout.item(), abs=1e-5)
+            checked_text += 1
+        for step, slot in enumerate(image_slots.tolist()):
+            token = out["completion_ids"][i, slot]
+            conditional = torch.log_softmax(image_head.outputs[step][i].double(), -1)[token]
+            assert logps[i, slot].item() == pytest.approx(conditional.item(), abs=1e-5)
+            # The guided, tempered sampling distribution is a different quantity: make sure the test can tell.
+            cond, uncond = image_head.outputs[step][i], image_head.outputs[step][i + 4]
+            guided = torch.log_softmax((uncond + 5.0 * (cond - uncond)).double() / 0.8, -1)[token]
+            assert abs(guided.item() - conditional.item()) > 1e-3
+    assert checked_text >= 4
+
+
+class _RatioRecorder(IntrinsicGRPOTrainer):
+    """Keeps, for every loss computation, the training-time log-probs and the old log-probs TRL compares."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        if torch.is_grad_enabled() and kwargs.get("compute_entropy"):  # the call made by `_compute_loss`
+            self.steps[-1]["logps"] = out[0].detach()
+        return out
+
+    def _compute_loss(self, model, inputs):
+        self.steps.append(
+            {
+                "old": inputs["old_per_token_logps"],
+                "mask": (inputs["completion_mask"] * inputs["tool_mask"]).bool(),
+                "image": inputs["mm_token_type_ids"][:, -inputs["completion_ids"].shape[1] :].bool(),
+            }
+        )
+        return super()._compute_loss(model, inputs)
+
+
+def test_importance_ratio_is_one_before_the_first_update(tmp_path):
+    """Two GRPO iterations per generation: TRL stores the rollout's log-probs (computed by the trainer's
+    forward at sampling time) and divides by them. On the first iteration the ratio is 1 on CoT and image
+    tokens and nothing is clipped; on the second, after one update, it moves (the old log-probs are used)."""
+    model, processor = tiny_janus(seed=0)
+    trainer = _RatioRecorder(
+        model,
+        [nsc_reward],
+        args=_config(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.05, epsilon=1e-4),
+        train_dataset=_dataset(),
+        processing_class=processor,
+    )
+    trainer.train()
+    assert len(trainer.steps) == 2
+    first, second = trainer.steps
+    for step in trainer.steps:
+        assert bool((step["mask"] & step["image"]).any()) and bool((step["mask"] & ~step["image"]).any())
+    ratio = torch.exp(first["logps"] - first["old"])[first["mask"]]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+    moved = torch.exp(second["logps"] - second["old"])[second["mask"]]
+    assert (moved - 1).abs().max() > 1e-3
+    clip_logs = [
+        e["clip_ratio/region_mean"] for e in trainer.state.log_history if "clip_ratio/region_mean" in e
+    ]
+    assert clip_logs[0] == 0.0 and clip_logs[1] > 0.0  # ε = 1e-4: the moved ratios are clipped
