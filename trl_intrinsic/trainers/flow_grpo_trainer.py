@@ -37,8 +37,9 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file
-from transformers import TrainerCallback
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -54,6 +55,10 @@ logger = logging.get_logger(__name__)
 RewardFunc = Callable[..., list]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_DIR = "transformer"
+TRAINER_STATE_NAME = (
+    "trainer_state.json"  # written last by `Trainer._save_checkpoint`: marks a complete checkpoint
+)
+ROLLOUT_BUFFER_NAME = "rollout_buffer_{rank}.safetensors"
 
 # Keys of a generation batch that hold one entry per image (split into micro-batches); the others are
 # shared by the whole batch.
@@ -73,10 +78,12 @@ class FlowGRPOTrainer(_BaseTrainer):
             ``trainer_state`` and every dataset column. A reward with ``requires_images = False`` receives
             ``images=None``; when no reward needs pixels the VAE never decodes during training.
         args: a :class:`FlowGRPOConfig`.
-        train_dataset, eval_dataset: datasets with a ``prompt`` column.
+        train_dataset: a dataset with a ``prompt`` column; every other column reaches the rewards.
+        eval_dataset: the same, sampled deterministically at ``eval_num_inference_steps`` by ``evaluate()``.
         peft_config: a ``peft.LoraConfig`` for the transformer (its ``target_modules`` default to the
             pipeline adapter's); ``None`` fine-tunes the whole transformer.
-        callbacks, optimizers: as for ``transformers.Trainer``.
+        callbacks: ``transformers.TrainerCallback`` instances, as for ``transformers.Trainer``.
+        optimizers: ``(optimizer, lr_scheduler)``, as for ``transformers.Trainer``.
     """
 
     _tag_names = ("trl", "trl-intrinsic", "flow-grpo", "diffusers", "text-to-image")
@@ -130,6 +137,8 @@ class FlowGRPOTrainer(_BaseTrainer):
                     "or load it with `trl_intrinsic.data.load_prompt_dataset`."
                 )
 
+        # LoRA matrices are initialised randomly: seed first so that a run is reproducible from `args.seed`.
+        set_seed(args.seed)
         transformer = self._prepare_transformer(self.pipeline, args, peft_config)
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
@@ -150,6 +159,7 @@ class FlowGRPOTrainer(_BaseTrainer):
             self.ref_transformer.to(self.accelerator.device)
         self._step = 0
         self._buffered_inputs: list[dict] | None = None
+        self._resume_checkpoint: str | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -264,7 +274,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         )
 
     def _get_train_sampler(self, dataset=None):
-        return RepeatSampler(
+        return EpochRepeatSampler(
             data_source=self.train_dataset if dataset is None else dataset,
             mini_repeat_count=self.num_generations,
             batch_size=self.args.generation_batch_size // self.num_generations,
@@ -282,6 +292,9 @@ class FlowGRPOTrainer(_BaseTrainer):
         if not self.model.training:
             return self._generate_and_score(generation_batch, mode="eval")
         generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._resume_checkpoint is not None:
+            self._restore_rollout_buffer(self._resume_checkpoint)
+            self._resume_checkpoint = None
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(generation_batch, mode="train")
             self._buffered_inputs = self._split(batch, self.args.steps_per_generation)
@@ -664,6 +677,54 @@ class FlowGRPOTrainer(_BaseTrainer):
         self._logged_samples = {"prompt": [], "image": [], "reward": []}
 
     # ------------------------------------------------------------------ saving and loading
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
+        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` but {self.args.output_dir} has no complete checkpoint; pass a "
+                    "checkpoint path or start without resuming."
+                )
+        if resume_from_checkpoint:
+            if not is_complete_checkpoint(resume_from_checkpoint):
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: the save "
+                    "was interrupted); resume from an earlier checkpoint or pass `resume_from_checkpoint=True`."
+                )
+            self._resume_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rollouts sampled before this step and not yet consumed (steps_per_generation or num_iterations > 1)
+        # are saved per process, before `Trainer` writes the trainer state that marks the checkpoint complete.
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._buffered_inputs is not None and self._step % generate_every != 0:
+            os.makedirs(folder, exist_ok=True)
+            name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
+            tensors = _flatten_rollouts(self._buffered_inputs)
+            save_file(tensors, os.path.join(folder, name), metadata={"step": str(self._step)})
+        super()._save_checkpoint(model, trial)
+
+    def _restore_rollout_buffer(self, checkpoint: str) -> None:
+        """Put the trainer where it stopped: the micro-step counter and the rollouts that were in use."""
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
+            return  # the checkpoint is at a generation boundary: the next step samples afresh
+        path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"Checkpoint {checkpoint} was saved between two generations but has no {os.path.basename(path)} "
+                "(saved with another number of processes?); resume with the same launch setup, or from a "
+                "checkpoint at a multiple of steps_per_generation × num_iterations steps."
+            )
+        self._buffered_inputs = _unflatten_rollouts(load_file(path), device=self.accelerator.device)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Write the LoRA in diffusers format (``pytorch_lora_weights.safetensors``), or the full
         transformer, plus the training arguments as JSON. Called on the main process only."""
@@ -803,6 +864,84 @@ image = pipe("a photo of a cat", num_inference_steps={self.args.eval_num_inferen
             allow_patterns=["README.md", *weights],
             run_as_future=not blocking,
         )
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` whose shuffle order is a function of ``(seed, epoch)`` only.
+
+    ``RepeatSampler`` draws each epoch's permutation from one generator that advances epoch after epoch, so a
+    run resumed in epoch ``e`` would replay epoch 0's order. ``Trainer`` calls :meth:`set_epoch` at the start
+    of every epoch (through accelerate's data loader), which makes the order reproducible after a resume.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) * 1_000_003 + epoch)
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a finished ``Trainer`` checkpoint: its trainer state, written last, parses."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete ``checkpoint-<step>`` of ``output_dir`` with the highest step, or ``None``."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {}
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit():
+            steps[int(step)] = os.path.join(output_dir, name)
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            return steps[step]
+        logger.warning(f"Skipping incomplete checkpoint {steps[step]} (its save was interrupted).")
+    return None
+
+
+def _flatten_rollouts(chunks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The micro-batches of one generation batch as a flat ``{name: tensor}`` dict for safetensors: per-image
+    tensors concatenated over the chunks, shared ones (embeddings, sigmas, timesteps, trained steps) once."""
+    shared = chunks[0]
+    tensors = {key: torch.cat([chunk[key] for chunk in chunks]) for key in _PER_ROW_KEYS}
+    tensors["num_chunks"] = torch.tensor(len(chunks))
+    tensors["sigmas"], tensors["timesteps"] = shared["sigmas"], shared["timesteps"]
+    tensors["train_steps"] = torch.tensor(list(shared["train_steps"]), dtype=torch.long)
+    embeddings = shared["embeddings"]
+    for part in ("cond", "uncond", "shared"):
+        for key, value in (getattr(embeddings, part) or {}).items():
+            tensors[f"embeddings.{part}.{key}"] = value
+    tensors["embeddings.has_uncond"] = torch.tensor(embeddings.uncond is not None)
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+
+
+def _unflatten_rollouts(tensors: dict[str, torch.Tensor], device: torch.device) -> list[dict[str, Any]]:
+    """Inverse of :func:`_flatten_rollouts`."""
+    tensors = {key: value.to(device) for key, value in tensors.items()}
+    parts: dict[str, dict[str, torch.Tensor]] = {"cond": {}, "uncond": {}, "shared": {}}
+    for key, value in tensors.items():
+        if key.startswith("embeddings.") and key != "embeddings.has_uncond":
+            _, part, name = key.split(".", 2)
+            parts[part][name] = value
+    embeddings = PromptEmbeddings(
+        cond=parts["cond"],
+        uncond=parts["uncond"] if bool(tensors["embeddings.has_uncond"]) else None,
+        shared=parts["shared"],
+    )
+    batch = {key: tensors[key] for key in _PER_ROW_KEYS}
+    batch.update(
+        embeddings=embeddings,
+        sigmas=tensors["sigmas"],
+        timesteps=tensors["timesteps"],
+        train_steps=tensors["train_steps"].tolist(),
+    )
+    return FlowGRPOTrainer._split(batch, int(tensors["num_chunks"]))
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -92,7 +92,8 @@ def clipped_policy_loss(
         log_prob: (B,) log-probabilities under the current policy (with gradients).
         old_log_prob: (B,) log-probabilities under the sampling policy.
         advantages: (B,) advantages.
-        epsilon_low, epsilon_high: the ratio is clipped to ``[1 − epsilon_low, 1 + epsilon_high]``.
+        epsilon_low: lower clipping width: the ratio is clipped to ``[1 − epsilon_low, 1 + epsilon_high]``.
+        epsilon_high: upper clipping width.
         adv_clip_max: if set, advantages are clipped to ``±adv_clip_max`` first.
 
     Returns:
@@ -112,7 +113,8 @@ def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std_dev: torch.
     """KL between two Gaussian steps sharing ``std_dev``: ``‖μ − μref‖² / (2·std²)``.
 
     Args:
-        mean, ref_mean: (B, ...) step means of the policy and the reference.
+        mean: (B, ...) step means of the policy.
+        ref_mean: (B, ...) step means of the reference.
         std_dev: broadcastable to ``mean``; the step std before the ``sqrt(−dt)`` factor.
 
     Returns:
