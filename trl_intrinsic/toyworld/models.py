@@ -4,14 +4,14 @@
 ``python -m trl_intrinsic.toyworld.pretrain flow`` (see ``weights/flow/TRAINING.md`` for the exact
 command, its wall time and the accuracy it reached). Sample it at 32×32 px with
 ``max_sequence_length=1`` (it has no T5 encoder; see :data:`FLOW_SAMPLING`).
+
+Importing this module is light (torch and diffusers load on the first call).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import torch
 
 __all__ = ["FLOW_SAMPLING", "TOY_FLOW_DIR", "load_toy_pipeline"]
 
@@ -40,6 +40,7 @@ def load_toy_pipeline(path: str | Path | None = None, **kwargs: Any):
         A ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``). ``pipe(prompts,
         **FLOW_SAMPLING).images`` gives 32×32 PIL images.
     """
+    import torch
     from diffusers import StableDiffusion3Pipeline
 
     path = TOY_FLOW_DIR if path is None else Path(path)

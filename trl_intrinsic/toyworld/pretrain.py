@@ -242,7 +242,7 @@ def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step % config.vae_check_every == 0:
             recon_acc = _reconstruction_accuracy(vae, config.seed + 13)
             log(
@@ -402,7 +402,7 @@ def _train_transformer(pipe, config: FlowPretrainConfig, log, deadline: float) -
         _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         elapsed = time.monotonic() - start
         if config.eval_every_minutes > 0 and elapsed >= next_eval:
             next_eval += config.eval_every_minutes * 60
