@@ -3,6 +3,7 @@
 Light on purpose: importing it needs numpy, PIL and scipy only.
 """
 
+from trl_intrinsic.toyworld.models import load_toy_pipeline
 from trl_intrinsic.toyworld.rendering import render
 from trl_intrinsic.toyworld.reward import make_verifier_reward, verifier_reward, verifier_reward_partial
 from trl_intrinsic.toyworld.scenes import (
@@ -37,6 +38,7 @@ __all__ = [
     "detect_objects",
     "evaluate",
     "held_out_compositions",
+    "load_toy_pipeline",
     "make_verifier_reward",
     "normalize_metadata",
     "prompt_space",
