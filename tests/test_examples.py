@@ -1,0 +1,69 @@
+"""The example scripts parse their configs and train end to end (tiny local pipeline, a couple of steps)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from trl import ModelConfig, TrlParser
+
+from trl_intrinsic import FlowGRPOConfig
+from trl_intrinsic.testing import tiny_sd3_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from flow_common import FlowScriptArguments  # noqa: E402
+from train_solace import SolaceArguments, SolaceScriptArguments  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("config", "dataclasses"),
+    [
+        ("toy_flow_grpo.yaml", (FlowScriptArguments, FlowGRPOConfig, ModelConfig)),
+        ("toy_solace.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
+        ("solace_sd35m.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
+    ],
+)
+def test_configs_parse_into_the_script_dataclasses(config, dataclasses):
+    parsed = TrlParser(dataclasses).parse_args_and_config(
+        ["--config", str(EXAMPLES / "configs" / config), "--use_cpu", "true", "--bf16", "false"]
+    )
+    values = yaml.safe_load((EXAMPLES / "configs" / config).read_text())
+    training_args = next(p for p in parsed if isinstance(p, FlowGRPOConfig))
+    assert training_args.num_generations == values["num_generations"]
+    assert training_args.resolution == values["resolution"]
+    if "solace" in config:
+        solace_args = next(p for p in parsed if isinstance(p, SolaceArguments))
+        reward = solace_args.reward()
+        assert reward.num_probes == values["solace_num_probes"]
+        assert training_args.timestep_selection == "suffix"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_flow_grpo.py", "train_solace.py"])
+def test_example_trains_a_local_pipeline(tmp_path, script):
+    model = tmp_path / "model"
+    tiny_sd3_pipeline().save_pretrained(model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(EXAMPLES / script), "--model_name_or_path", str(model),
+        "--dataset_name", str(prompts), "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false",
+        "--report_to", "none", "--resolution", "32", "--max_sequence_length", "1",
+        "--num_inference_steps", "3", "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--max_steps", "2", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
+        "--save_strategy", "no", "--reward_funcs", "solace_reward",
+        *(["--solace_num_probes", "2"] if "solace" in script else []),
+    ]  # fmt: skip
+    subprocess.run(
+        command,
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "README.md").is_file()
