@@ -282,7 +282,7 @@ def test_invalid_trainer_inputs(tmp_path):
 @pytest.mark.slow
 def test_brightness_reward_rises(tmp_path):
     trainer = _trainer(
-        tmp_path, max_steps=30, learning_rate=1e-1, num_iterations=1, beta=0.0, noise_level=1.0,
+        tmp_path, max_steps=30, learning_rate=3e-2, num_iterations=1, beta=0.0, noise_level=1.0,
         per_device_train_batch_size=8, num_generations=4, scale_rewards="group",
     )  # fmt: skip
     history = _record_metrics(trainer)
@@ -294,7 +294,7 @@ def test_brightness_reward_rises(tmp_path):
     print(
         f"brightness {first:.4f} -> {last:.4f} (initial spread {spread:.4f}):", np.round(rewards, 4).tolist()
     )
-    assert last - first > 5 * spread, rewards
+    assert last - first > 10 * spread, rewards  # measured: 15-35x over seeds 0 and 1
 
 
 def test_model_can_be_a_local_pipeline_directory(tmp_path):
