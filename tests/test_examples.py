@@ -1,5 +1,6 @@
 """The example scripts parse their configs and train end to end (tiny local pipeline, a couple of steps)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,13 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
     )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "README.md").is_file()
+
+    report = tmp_path / "report"
+    evaluation = [
+        sys.executable, str(EXAMPLES / "evaluate.py"), "--model", str(model), "--adapter", str(out),
+        "--prompts-per-tag", "1", "--num-inference-steps", "2", "--output-dir", str(report),
+    ]  # fmt: skip
+    subprocess.run(evaluation, check=True, capture_output=True, cwd=tmp_path)
+    scores = json.loads((report / "toy_accuracy.json").read_text())
+    assert set(scores["base"]) >= {"overall", "counting", "position"} and "adapter" in scores
+    assert "| overall |" in (report / "toy_accuracy.md").read_text()
