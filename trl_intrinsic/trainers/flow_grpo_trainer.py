@@ -867,16 +867,20 @@ image = pipe("a photo of a cat", num_inference_steps={self.args.eval_num_inferen
 
 
 class EpochRepeatSampler(RepeatSampler):
-    """TRL's ``RepeatSampler`` whose shuffle order is a function of ``(seed, epoch)`` only.
+    """TRL's ``RepeatSampler`` that can be positioned at any epoch.
 
     ``RepeatSampler`` draws each epoch's permutation from one generator that advances epoch after epoch, so a
     run resumed in epoch ``e`` would replay epoch 0's order. ``Trainer`` calls :meth:`set_epoch` at the start
-    of every epoch (through accelerate's data loader), which makes the order reproducible after a resume.
+    of every epoch (through accelerate's data loader); it reseeds the generator and skips the permutations of
+    the earlier epochs, so the order is TRL's, with or without a resume.
     """
 
     def set_epoch(self, epoch: int) -> None:
         if self.shuffle:
-            self.generator.manual_seed((self.seed or 0) * 1_000_003 + epoch)
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
