@@ -78,3 +78,29 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
     scores = json.loads((report / "toy_accuracy.json").read_text())
     assert set(scores["base"]) >= {"overall", "counting", "position"} and "adapter" in scores
     assert "| overall |" in (report / "toy_accuracy.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_iris_on_a_local_janus(tmp_path):
+    from trl_intrinsic.testing import tiny_janus
+
+    model, processor = tiny_janus()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    command = [
+        sys.executable, str(EXAMPLES / "train_iris.py"), "--model_name_or_path", str(tmp_path / "model"),
+        "--dataset_name", str(prompts), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
+        "--bf16", "false", "--report_to", "none", "--num_generations", "2", "--per_device_train_batch_size", "2",
+        "--max_steps", "2", "--max_completion_length", "8", "--save_strategy", "no", "--cfg_weight", "2.0",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_train_iris_without_a_model_says_what_to_pass(tmp_path):
+    import train_iris
+
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        train_iris.main(["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
