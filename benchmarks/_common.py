@@ -84,3 +84,23 @@ def write_results(name: str, result: dict, markdown: str, output_dir: Path = RES
     info = result["machine"]
     footer = ", ".join(f"{k} {v}" for k, v in info.items())
     (output_dir / f"{name}.md").write_text(markdown.rstrip() + f"\n\nMachine: {footer}.\n")
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Time each function once per round, alternating them, so that load drifting during the run affects all
+    variants alike. Returns ``{name: [seconds per round]}`` after ``warmup`` untimed rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median of the per-round ratios ``numerator[i] / denominator[i]``."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
