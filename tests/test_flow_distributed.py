@@ -1,0 +1,58 @@
+"""FlowGRPOTrainer under two CPU processes (torchrun, gloo) equals the same run in one process: prompt
+groups span the processes, rewards are gathered before the per-group normalisation, the noise of a sample
+depends on its global position only, and only the main process writes files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from flow_two_process import make_trainer, record_rollouts
+
+SCRIPT = Path(__file__).parent / "scripts" / "flow_two_process.py"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_match_one_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        "torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+        str(tmp_path / "two"), str(tmp_path / "results"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(tmp_path / "results" / f"rank{r}.safetensors") for r in (0, 1)]
+    logs = [json.loads((tmp_path / "results" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(int(r["world_size"]) == 2 for r in ranks)
+
+    # One group of G = 4 images spans both processes (2 per process).
+    assert logs[0]["prompts"] == logs[1]["prompts"] and len(set(logs[0]["prompts"])) == 1
+    two_advantages = torch.cat([r["advantages"] for r in ranks])
+    two_latents = torch.cat([r["latents"] for r in ranks])
+
+    single = make_trainer(str(tmp_path / "one"), per_device_train_batch_size=4)
+    records = record_rollouts(single)
+    single.train()
+    (record,) = records
+    assert record["prompts"] == logs[0]["prompts"] + logs[1]["prompts"]
+    torch.testing.assert_close(two_latents, record["latents"][:, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two_advantages, record["advantages"], rtol=1e-4, atol=1e-4)
+    # normalised over the whole group, not per process: the advantages of each process alone do not sum to 0
+    assert abs(float(two_advantages.sum())) < 1e-4
+    assert all(abs(float(r["advantages"].sum())) > 1e-3 for r in ranks)
+
+    # Only the main process writes the weights, trainer state, model card and samples; the other process
+    # only creates the checkpoint folder for its own RNG state (Trainer saves one per process).
+    assert set(logs[1]["written"]) <= {"checkpoint-1", "checkpoint-1/rng_state_1.pth"}
+    written = set(logs[0]["written"])
+    assert "checkpoint-1/trainer_state.json" in written
+    assert any(path.startswith("samples/") for path in written)
+    assert (tmp_path / "two" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
