@@ -56,3 +56,44 @@ def test_two_processes_match_one_process(tmp_path):
     assert "checkpoint-1/trainer_state.json" in written
     assert any(path.startswith("samples/") for path in written)
     assert (tmp_path / "two" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _args(tmp_path, **overrides):
+    from trl_intrinsic import FlowGRPOConfig
+
+    values = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", resolution=32,
+        num_inference_steps=3, per_device_train_batch_size=2, num_generations=2,
+    )  # fmt: skip
+    values.update(overrides)
+    return FlowGRPOConfig(**values)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        # 2 per device x 3 micro-steps = 6 images per generation: not whole groups of 4
+        ({"steps_per_generation": 3, "num_generations": 4}, "num_generations"),
+        # an explicit generation batch must be a multiple of the global batch
+        ({"per_device_train_batch_size": 4, "generation_batch_size": 6}, "global batch"),
+    ],
+    ids=["groups-across-micro-steps", "generation-batch"],
+)
+def test_generation_batch_must_hold_whole_groups(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _args(tmp_path, **overrides)
+
+
+def test_eval_batch_must_hold_whole_groups(tmp_path):
+    from datasets import Dataset
+
+    from trl_intrinsic import FlowGRPOTrainer
+    from trl_intrinsic.testing import tiny_sd3_pipeline
+
+    dataset = Dataset.from_dict({"prompt": ["a red circle", "two blue squares"]})
+    args = _args(tmp_path, per_device_train_batch_size=4, per_device_eval_batch_size=3, num_generations=2)
+    with pytest.raises(ValueError, match="per_device_eval_batch_size"):
+        FlowGRPOTrainer(
+            tiny_sd3_pipeline(), [lambda prompts, images, **k: [0.0] * len(prompts)], args=args,
+            train_dataset=dataset, eval_dataset=dataset,
+        )  # fmt: skip

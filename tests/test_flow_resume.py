@@ -154,3 +154,33 @@ def test_killed_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert trainer.state.global_step == 3
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
     assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-3")
+
+
+def test_resume_mid_generation_needs_the_same_layout(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    trainer = _trainer(tmp_path, LatentRecorder(), max_steps=1, save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    buffer = checkpoint / "rollout_buffer_0.safetensors"
+    with safe_open(str(buffer), framework="pt") as f:
+        assert f.metadata()["num_processes"] == "1"
+
+    # a different number of micro-steps per generation cannot reuse the saved rollouts
+    other = _trainer(
+        tmp_path, LatentRecorder(), max_steps=2, steps_per_generation=4, per_device_train_batch_size=1
+    )
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+
+    # nor can another number of processes (the buffer of a 2-process run, resumed by one process)
+    save_file(load_file(buffer), str(buffer), metadata={"step": "1", "num_processes": "2"})
+    resumed = _trainer(tmp_path, LatentRecorder(), max_steps=2)
+    with pytest.raises(ValueError, match="2 processes"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    # a checkpoint saved between two generations without this process's rollouts is refused
+    buffer.unlink()
+    with pytest.raises(ValueError, match="rollout_buffer_0"):
+        _trainer(tmp_path, LatentRecorder(), max_steps=2).train(resume_from_checkpoint=str(checkpoint))

@@ -37,6 +37,7 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -137,6 +138,15 @@ class FlowGRPOTrainer(_BaseTrainer):
                     "or load it with `trl_intrinsic.data.load_prompt_dataset`."
                 )
 
+        if (
+            eval_dataset is not None
+            and (args.per_device_eval_batch_size * args.world_size) % args.num_generations
+        ):
+            raise ValueError(
+                f"The global eval batch ({args.per_device_eval_batch_size} per device × {args.world_size} processes) "
+                f"must hold whole groups of num_generations={args.num_generations}; set `per_device_eval_batch_size` "
+                "to a multiple of num_generations / num_processes."
+            )
         # LoRA matrices are initialised randomly: seed first so that a run is reproducible from `args.seed`.
         set_seed(args.seed)
         transformer = self._prepare_transformer(self.pipeline, args, peft_config)
@@ -707,7 +717,8 @@ class FlowGRPOTrainer(_BaseTrainer):
             os.makedirs(folder, exist_ok=True)
             name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
             tensors = _flatten_rollouts(self._buffered_inputs)
-            save_file(tensors, os.path.join(folder, name), metadata={"step": str(self._step)})
+            metadata = {"step": str(self._step), "num_processes": str(self.accelerator.num_processes)}
+            save_file(tensors, os.path.join(folder, name), metadata=metadata)
         super()._save_checkpoint(model, trial)
 
     def _restore_rollout_buffer(self, checkpoint: str) -> None:
@@ -723,7 +734,21 @@ class FlowGRPOTrainer(_BaseTrainer):
                 "(saved with another number of processes?); resume with the same launch setup, or from a "
                 "checkpoint at a multiple of steps_per_generation × num_iterations steps."
             )
-        self._buffered_inputs = _unflatten_rollouts(load_file(path), device=self.accelerator.device)
+        with safe_open(path, framework="pt") as f:
+            saved_processes = int((f.metadata() or {}).get("num_processes", 1))
+        if saved_processes != self.accelerator.num_processes:
+            raise ValueError(
+                f"Checkpoint {checkpoint} was saved between two generations by {saved_processes} processes; resume it "
+                f"with {saved_processes} processes (now {self.accelerator.num_processes}), or from a checkpoint at a "
+                "multiple of steps_per_generation × num_iterations steps."
+            )
+        buffered = _unflatten_rollouts(load_file(path), device=self.accelerator.device)
+        if len(buffered) != self.args.steps_per_generation:
+            raise ValueError(
+                f"Checkpoint {checkpoint} holds rollouts for steps_per_generation={len(buffered)}, but "
+                f"steps_per_generation={self.args.steps_per_generation} now; resume with the saved value."
+            )
+        self._buffered_inputs = buffered
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Write the LoRA in diffusers format (``pytorch_lora_weights.safetensors``), or the full
