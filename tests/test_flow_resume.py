@@ -110,6 +110,9 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed_state[key]["exp_avg_sq"], full_state[key]["exp_avg_sq"])
         assert int(resumed_state[key]["step"]) == int(full_state[key]["step"]) == 6
     assert resumed.lr_scheduler.get_last_lr() == full.lr_scheduler.get_last_lr()
+    # the collapse yardstick is the first rollout of the run, not of the resumed process
+    assert (checkpoint / "collapse_reference.json").is_file()
+    assert resumed._collapse_reference == full._collapse_reference is not None
 
 
 def test_shuffle_order_is_trls_and_survives_a_resume(tmp_path):

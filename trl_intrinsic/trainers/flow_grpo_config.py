@@ -60,6 +60,12 @@ class FlowGRPOConfig(GRPOConfig):
             Advantages are clipped to `±adv_clip_max`.
         save_full_pipeline (`bool`, *optional*, defaults to `False`):
             When fine-tuning without LoRA, also save the whole pipeline at the end of training.
+        collapse_warning_ratio (`float`, *optional*, defaults to `0.5`):
+            Warn when the texture of the final latents (`collapse/texture_ratio`, see
+            `trl_intrinsic.flow.diagnostics`) falls below this fraction of its value at the first
+            training step, or when more than half of the decoded images are blank: the signs of
+            SOLACE's known collapse to textureless images. `0` disables the warning; the statistics
+            are logged either way.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -106,6 +112,12 @@ class FlowGRPOConfig(GRPOConfig):
     save_full_pipeline: bool = field(
         default=False, metadata={"help": "Without LoRA, also save the whole pipeline at the end."}
     )
+    collapse_warning_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "Warn when latent texture falls below this fraction of its first value; 0 disables."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,6 +163,10 @@ class FlowGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"`sde_window_size` ({self.sde_window_size}) exceeds the {width} steps available for the SDE "
                 "window (`sde_window_range`, or num_inference_steps - 1); lower it or raise num_inference_steps."
+            )
+        if not 0.0 <= self.collapse_warning_ratio < 1.0:
+            raise ValueError(
+                f"`collapse_warning_ratio` must be in [0, 1) (0 disables the warning), got {self.collapse_warning_ratio}."
             )
         if self.adv_clip_max <= 0:
             raise ValueError(f"`adv_clip_max` must be > 0, got {self.adv_clip_max}.")

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
@@ -45,6 +46,7 @@ from transformers.utils import logging
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
+from trl_intrinsic.flow import diagnostics
 from trl_intrinsic.flow.pipelines import FlowPipelineAdapter, PromptEmbeddings, get_flow_adapter
 from trl_intrinsic.flow.rollout import Rollout, sample_trajectories, sde_window, train_step_indices
 from trl_intrinsic.flow.sde import sde_step_with_logprob
@@ -60,6 +62,7 @@ TRAINER_STATE_NAME = (
     "trainer_state.json"  # written last by `Trainer._save_checkpoint`: marks a complete checkpoint
 )
 ROLLOUT_BUFFER_NAME = "rollout_buffer_{rank}.safetensors"
+COLLAPSE_REFERENCE_NAME = "collapse_reference.json"
 
 # Keys of a generation batch that hold one entry per image (split into micro-batches); the others are
 # shared by the whole batch.
@@ -176,6 +179,9 @@ class FlowGRPOTrainer(_BaseTrainer):
         }
         self._logged_samples: dict[str, list] = {"prompt": [], "image": [], "reward": []}
         self._async_loop: asyncio.AbstractEventLoop | None = None
+        # Latent texture of the first training rollout, the yardstick of `collapse/texture_ratio`.
+        self._collapse_reference: float | None = None
+        self._collapse_warned = False
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -406,6 +412,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         all_rewards = gather(rewards_per_func)
         all_groups = gather(group_ids)
         timing["timing/rewards_s"].append(time.perf_counter() - started)
+        self._log_collapse_statistics(mode, final, images, all_groups)
         advantages, rewards = combine_rewards(
             all_rewards,
             self.reward_weights.to(device),
@@ -557,6 +564,44 @@ class FlowGRPOTrainer(_BaseTrainer):
                 "image": images,
                 "reward": rewards[local].tolist(),
             }
+
+    def _log_collapse_statistics(
+        self, mode: str, final: torch.Tensor, images, all_groups: torch.Tensor
+    ) -> None:
+        """Log `collapse/*` (see `trl_intrinsic.flow.diagnostics`) over the whole gathered batch, and warn
+        once when training drifts towards textureless or blank images."""
+        metrics, args = self._metrics[mode], self.args
+        stats = diagnostics.latent_statistics(final)
+        texture = gather(stats["texture"]).mean().item()
+        metrics["collapse/latent_std"].append(gather(stats["std"]).mean().item())
+        metrics["collapse/latent_texture"].append(texture)
+        pooled = gather(diagnostics.pooled(final))
+        metrics["collapse/group_diversity"].append(diagnostics.group_diversity(pooled, all_groups).item())
+        blank = None
+        if images is not None:
+            pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+            pixel_std = gather(
+                diagnostics.image_std(pixels.permute(0, 3, 1, 2).float().div(255)).to(final.device)
+            )
+            blank = (pixel_std < diagnostics.BLANK_IMAGE_STD).float().mean().item()
+            metrics["collapse/image_std"].append(pixel_std.mean().item())
+            metrics["collapse/blank_fraction"].append(blank)
+        if mode != "train":
+            return
+        if self._collapse_reference is None:
+            self._collapse_reference = texture
+        ratio = texture / max(self._collapse_reference, 1e-12)
+        metrics["collapse/texture_ratio"].append(ratio)
+        collapsing = ratio < args.collapse_warning_ratio or (blank is not None and blank > 0.5)
+        if collapsing and args.collapse_warning_ratio > 0 and not self._collapse_warned:
+            logger.warning(
+                f"Step {self.state.global_step}: the samples are losing texture (latent texture at {ratio:.2f}× its "
+                f"first value{'' if blank is None else f', {blank:.0%} blank images'}), the known collapse of "
+                "intrinsic rewards such as SOLACE. Train fewer timesteps (`timestep_fraction` ≤ 0.6 with "
+                "`timestep_selection='suffix'`), keep CFG in rollouts (`guidance_scale` > 1), raise `beta`, or mix "
+                "in an external reward."
+            )
+        self._collapse_warned = collapsing
 
     # ------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -719,12 +764,20 @@ class FlowGRPOTrainer(_BaseTrainer):
             tensors = _flatten_rollouts(self._buffered_inputs)
             metadata = {"step": str(self._step), "num_processes": str(self.accelerator.num_processes)}
             save_file(tensors, os.path.join(folder, name), metadata=metadata)
+        if self._collapse_reference is not None and self.accelerator.is_main_process:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, COLLAPSE_REFERENCE_NAME), "w") as f:
+                json.dump({"latent_texture": self._collapse_reference}, f)
         super()._save_checkpoint(model, trial)
 
     def _restore_rollout_buffer(self, checkpoint: str) -> None:
         """Put the trainer where it stopped: the micro-step counter and the rollouts that were in use."""
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._buffered_inputs = None
+        reference = os.path.join(checkpoint, COLLAPSE_REFERENCE_NAME)
+        if os.path.isfile(reference):
+            with open(reference) as f:
+                self._collapse_reference = float(json.load(f)["latent_texture"])
         if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
             return  # the checkpoint is at a generation boundary: the next step samples afresh
         path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
