@@ -38,7 +38,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     for row in step["rows"]:
         assert row["steps_timed"] >= 1
         assert 0 < row["min_step_s"] <= row["median_step_s"] < 60
-    assert step["rows"][0]["ratio_to_trl_constant"] == 1.0
+    assert step["rows"][0]["ratio_to_trl_constant"] == step["rows"][0]["paired_ratio_to_trl_constant"] == 1.0
+    for key in ("paired_ratio_intrinsic_to_trl_constant", "paired_ratio_extra_forward_to_trl_constant"):
+        assert math.isfinite(step[key]) and step[key] > 0, key
     ratio = step["rows"][1]["median_step_s"] / step["rows"][0]["median_step_s"]
     assert math.isclose(step["ratio_intrinsic_to_trl_constant"], ratio, rel_tol=1e-9)
     # Same seed and learning rate 0: both self-certainty variants score the same completions.
