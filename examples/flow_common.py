@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config
 
 from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
@@ -40,6 +41,19 @@ class FlowScriptArguments:
         default=20,
         metadata={"help": "Toy world only: held-out prompts per tag for the before/after accuracy."},
     )
+    toy_eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Toy world only: also measure held-out accuracy every this many steps (the accuracy curve); "
+            "0 measures before and after only."
+        },
+    )
+
+    def __post_init__(self):
+        if self.toy_eval_prompts_per_tag < 1:
+            raise ValueError(f"toy_eval_prompts_per_tag must be ≥ 1, got {self.toy_eval_prompts_per_tag}.")
+        if self.toy_eval_steps < 0:
+            raise ValueError(f"toy_eval_steps must be ≥ 0 (0 disables the curve), got {self.toy_eval_steps}.")
 
 
 def default_config_argv(argv: list[str], toy_config: str) -> list[str]:
@@ -79,6 +93,8 @@ def run(
     report = ToyReport(trainer, script_args.toy_eval_prompts_per_tag) if toy else None
     if report is not None:
         report.measure("before")
+        if script_args.toy_eval_steps:
+            trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if report is not None:
@@ -89,6 +105,17 @@ def run(
     return trainer
 
 
+class AccuracyCurve(TrainerCallback):
+    """Measures the toy accuracy every ``every`` optimizer steps (same prompts and seeds as before/after)."""
+
+    def __init__(self, report: ToyReport, every: int):
+        self.report, self.every = report, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.report.measure(f"step {state.global_step}", grid=False)
+
+
 class ToyReport:
     """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid."""
 
@@ -96,7 +123,7 @@ class ToyReport:
         from trl_intrinsic.toyworld import sample_metadata
 
         self.trainer, self.prompts_per_tag = trainer, prompts_per_tag
-        self.results, self.grid_images = {}, {}
+        self.results, self.grid_images, self.curve = {}, {}, []
         self.grid_prompts = [m["prompt"] for m in sample_metadata(8, seed=1234, split="test")]
 
     def _sampling(self) -> dict:
@@ -110,17 +137,23 @@ class ToyReport:
         }
 
     @torch.no_grad()
-    def measure(self, name: str) -> None:
+    def measure(self, name: str, grid: bool = True) -> None:
+        """Held-out accuracy per tag (and a grid of samples) of the pipeline as it is now."""
         from trl_intrinsic.toyworld.pretrain import evaluate_flow_pipeline
 
         if not self.trainer.accelerator.is_main_process:
             return
         pipe = self.trainer.pipeline
+        was_training = pipe.transformer.training
+        pipe.transformer.eval()
         self.results[name] = evaluate_flow_pipeline(
             pipe, n_per_tag=self.prompts_per_tag, seed=0, **self._sampling()
         )
-        generator = torch.Generator().manual_seed(0)
-        self.grid_images[name] = pipe(self.grid_prompts, generator=generator, **self._sampling()).images
+        self.curve.append((self.trainer.state.global_step, self.results[name]))
+        if grid:
+            generator = torch.Generator().manual_seed(0)
+            self.grid_images[name] = pipe(self.grid_prompts, generator=generator, **self._sampling()).images
+        pipe.transformer.train(was_training)
         print(
             f"toy accuracy {name}: "
             + ", ".join(f"{k}={v:.3f}" for k, v in self.results[name].items() if k != "counts")
@@ -145,12 +178,25 @@ class ToyReport:
             )
         }
         plot_curves(curves, out / "reward_curve.png", title="reward (mean over each step's rollouts)")
+        tags = [k for k in self.curve[0][1] if k != "counts"]
+        plot_curves(
+            {tag: [(step, result[tag]) for step, result in self.curve] for tag in tags},
+            out / "accuracy_curve.png",
+            title="toy accuracy on held-out prompts",
+        )
         before_after_grid(
             self.grid_prompts, self.grid_images["before"], self.grid_images["after"], out / "before_after.png"
         )
-        path = write_accuracy_report(out, {k: self.results[k] for k in ("before", "after")})
+        curve = [
+            {"step": step, **{k: v for k, v in result.items() if k != "counts"}}
+            for step, result in self.curve
+        ]
+        path = write_accuracy_report(out, {k: self.results[k] for k in ("before", "after")}, curve=curve)
         print(path.read_text())
-        print(f"wrote {out / 'reward_curve.png'}, {out / 'before_after.png'} and the LoRA adapter in {out}")
+        print(
+            f"wrote {out / 'reward_curve.png'}, {out / 'accuracy_curve.png'}, {out / 'before_after.png'} and the "
+            f"LoRA adapter in {out}"
+        )
 
 
 def parse(parser, argv: list[str] | None, toy_config: str):

@@ -104,3 +104,31 @@ def test_train_iris_without_a_model_says_what_to_pass(tmp_path):
 
     with pytest.raises(ValueError, match="model_name_or_path"):
         train_iris.main(["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+
+
+def test_collect_toy_results_averages_seeds(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from collect_toy_results import main
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+    def report(before, after):
+        tags = lambda x: {"counting": x, "position": x / 2, "overall": x, "counts": {"counting": 20}}  # noqa: E731
+        return {"before": tags(before), "after": tags(after)}
+
+    for method, afters in {"flow_grpo": [0.5, 0.7], "solace": [0.3]}.items():
+        for seed, after in enumerate(afters):
+            run = tmp_path / method / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "toy_accuracy.json").write_text(json.dumps(report(0.3, after)))
+    out = tmp_path / "table.md"
+    markdown = main([str(tmp_path), "--output", str(out)])
+    assert out.read_text().strip() == markdown
+    lines = markdown.splitlines()
+    assert lines[0] == "| model | runs | counting | position | overall |"
+    assert lines[2] == "| base | 3 | 0.300 ± 0.000 | 0.150 ± 0.000 | 0.300 ± 0.000 |"
+    assert lines[3] == "| flow_grpo | 2 | 0.600 ± 0.141 | 0.300 ± 0.071 | 0.600 ± 0.141 |"
+    assert lines[4] == "| solace | 1 | 0.300 | 0.150 | 0.300 |"
+    with pytest.raises(ValueError, match=r"toy_accuracy\.json"):
+        main([str(tmp_path / "flow_grpo" / "seed0")])
