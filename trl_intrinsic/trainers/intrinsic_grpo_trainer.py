@@ -10,21 +10,45 @@ temperature / top-k / top-p, are not used for that reason.
 For ``JanusForConditionalGeneration`` models the rollout, the rewards' inputs and the loss are those of
 IRIS (see :mod:`trl_intrinsic.autoregressive.janus`): a chain-of-thought from the text head, then image
 tokens from the generation head under classifier-free guidance, one GRPO objective over both.
+
+Checkpoints resume exactly. ``GRPOTrainer`` samples once every ``steps_per_generation × num_iterations``
+micro-steps and keeps the rollouts it has not trained on yet in memory; on a resume it would forget them,
+sample afresh from the already-updated policy and shift the generation cycle. Here each process saves
+its unconsumed rollouts in the checkpoint (``rollout_buffer_<rank>.safetensors``, before the trainer
+state that marks the checkpoint complete) and a resume restores them with the micro-step counter. The
+prompt order of every epoch is TRL's, reproduced from the epoch number after a resume, and the random
+streams of sampling are restored (text LMs: ``Trainer``'s saved RNG states; Janus: a generator seeded
+per rollout from the seed, the micro-step and the process). Saved models and checkpoints hold the
+training arguments as ``training_args.json`` instead of ``Trainer``'s pickle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import gather_object
+from datasets import IterableDataset
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd, use_adapter
 
 from trl_intrinsic.autoregressive import janus as janus_ops
 from trl_intrinsic.rewards.self_certainty import self_certainty
+from trl_intrinsic.trainers.flow_grpo_trainer import (
+    ROLLOUT_BUFFER_NAME,
+    TRAINER_STATE_NAME,
+    EpochRepeatSampler,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+)
 from trl_intrinsic.trainers.grpo_math import group_advantages
 from trl_intrinsic.trainers.intrinsic_grpo_config import IntrinsicGRPOConfig
 
@@ -122,6 +146,8 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
             kwargs["peft_config"] = _prepare_janus(model, args, kwargs.get("peft_config"))
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._pending_self_certainty: list[torch.Tensor] = []
+        # Set by `train(resume_from_checkpoint=...)`; the first training micro-step restores its rollouts.
+        self._resume_checkpoint: str | None = None
         if self.is_janus:
             self._init_janus()
 
@@ -194,8 +220,27 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         if self._bos_token_id is None:
             raise ValueError("The Janus tokenizer has no `bos_token`; Janus prompts must start with BOS.")
         self.num_image_tokens = janus_ops.janus_num_image_tokens(janus)
-        self._sampling_generator = torch.Generator(device=self.accelerator.device)
-        self._sampling_generator.manual_seed(self.args.seed + self.accelerator.process_index)
+        self._eval_rollouts = (-1, 0)  # (global step, eval rollouts sampled at that step)
+
+    def _rollout_generator(self, mode: str) -> torch.Generator:
+        """The generator of one Janus rollout, seeded by (seed, mode, position in training, process).
+
+        Training rollouts take the micro-step counter, which a resume restores, so a resumed run samples the
+        same CoT and image tokens as an uninterrupted one; evaluation rollouts take the global step and their
+        rank within it. Each process draws its own stream: the rows of one prompt group on two processes get
+        different samples.
+        """
+        if mode == "train":
+            position = (0, self._step)
+        else:
+            step, count = self._eval_rollouts
+            count = count + 1 if step == self.state.global_step else 0
+            self._eval_rollouts = (self.state.global_step, count)
+            position = (1, self.state.global_step, count)
+        seed = self.args.seed
+        for value in (*position, self.accelerator.process_index):
+            seed = (seed * 1_000_003 + int(value)) % (2**63 - 1)
+        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def _janus_prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted request (the CoT request, or the prompt itself without CoT)."""
@@ -236,6 +281,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         prompt_rows = [self._janus_prompt_ids(p) for p in prompts]
         prompt_ids, prompt_mask = self._left_pad(prompt_rows)
         batch = len(prompts)
+        generator = self._rollout_generator(mode)
         if args.use_cot:
             cot = janus_ops.sample_cot(
                 janus,
@@ -246,7 +292,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=pad_id,
                 chunk_size=args.self_certainty_chunk_size,
-                generator=self._sampling_generator,
+                generator=generator,
             )
             cot_rows = [row[m.bool()].tolist() for row, m in zip(cot.ids, cot.mask)]
             sc_text_rows = [row[m.bool()] for row, m in zip(cot.self_certainty, cot.mask)]
@@ -267,7 +313,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
             boi_token_id=self._boi_token_id,
             pad_token_id=pad_id,
             chunk_size=args.self_certainty_chunk_size,
-            generator=self._sampling_generator,
+            generator=generator,
         )
         images = janus_ops.decode_images(janus, image.ids)
 
@@ -435,6 +481,178 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         entropy = torch.cat(entropies) if compute_entropy else None
         aux = torch.zeros((), device=input_ids.device) if compute_aux_loss else None
         return torch.cat(logps), entropy, aux
+
+    # ------------------------------------------------------------------------------------------------------
+    # Sampling order, checkpoints and exact resume.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, dataset=None):
+        # TRL's RepeatSampler, positioned at the epoch `Trainer` announces: a resumed run continues the
+        # permutation of its epoch instead of replaying the first epoch's.
+        return EpochRepeatSampler(
+            data_source=self.train_dataset if dataset is None else dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _prepare_inputs(self, generation_batch):
+        if self.model.training and self._resume_checkpoint is not None:
+            self._restore_rollout_buffer(self._resume_checkpoint)
+            self._resume_checkpoint = None
+        return super()._prepare_inputs(generation_batch)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
+        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
+        if isinstance(self.train_dataset, IterableDataset) and resume_from_checkpoint:
+            raise ValueError(
+                "Resuming IntrinsicGRPOTrainer on an IterableDataset is not exact (its shuffle buffer is not "
+                "checkpointed); use a map-style Dataset."
+            )
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` but {self.args.output_dir} has no complete checkpoint; pass a "
+                    "checkpoint path or start without resuming."
+                )
+        if resume_from_checkpoint:
+            if not is_complete_checkpoint(resume_from_checkpoint):
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: the save "
+                    "was interrupted); resume from an earlier checkpoint or pass `resume_from_checkpoint=True`."
+                )
+            self._resume_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rollouts sampled before this step and not consumed yet (steps_per_generation or num_iterations > 1)
+        # are saved by each process before `Trainer` writes the trainer state that marks the checkpoint complete.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._buffered_inputs is not None and self._step % generate_every != 0:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            tensors, extras = _flatten_rollouts(self._buffered_inputs)
+            metadata = {
+                "step": str(self._step),
+                "num_processes": str(self.accelerator.num_processes),
+                "steps_per_generation": str(self.args.steps_per_generation),
+                "num_iterations": str(self.num_iterations),
+                "extras": extras,
+            }
+            name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
+            save_file(tensors, os.path.join(folder, name), metadata=metadata)
+        self.accelerator.wait_for_everyone()  # every buffer is on disk before the main process completes the save
+        super()._save_checkpoint(model, trial)
+
+    def _restore_rollout_buffer(self, checkpoint: str) -> None:
+        """Put the trainer where it stopped: the micro-step counter and the rollouts it was training on."""
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0:
+            return  # a generation boundary: the next micro-step samples afresh, as the uninterrupted run does
+        name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"Checkpoint {checkpoint} falls between two generations but has no {name} with the rollouts this "
+                "process had not trained on yet (saved by another number of processes, with other "
+                "steps_per_generation / num_iterations / gradient_accumulation_steps, or by a trainer that did not "
+                "save them?). Resume with the launch setup and batch settings of the run that saved it, or from a "
+                f"checkpoint at a multiple of steps_per_generation × num_iterations = {generate_every} micro-steps."
+            )
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        saved = {
+            key: int(metadata.get(key, -1))
+            for key in ("num_processes", "steps_per_generation", "num_iterations")
+        }
+        now = {
+            "num_processes": self.accelerator.num_processes,
+            "steps_per_generation": self.args.steps_per_generation,
+            "num_iterations": self.num_iterations,
+        }
+        for key, value in saved.items():
+            if value != now[key]:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} was saved between two generations with {key}={value}; resume it with "
+                    f"{key}={value} (now {now[key]}), or from a checkpoint at a generation boundary."
+                )
+        if int(metadata.get("step", -1)) != self._step:
+            raise ValueError(
+                f"Checkpoint {checkpoint} was saved at micro-step {metadata.get('step')}, but global step "
+                f"{self.state.global_step} × gradient_accumulation_steps={self.args.gradient_accumulation_steps} gives "
+                f"{self._step}; resume with the gradient_accumulation_steps of the run that saved it."
+            )
+        buffered = _unflatten_rollouts(load_file(path), metadata.get("extras", "{}"), self.accelerator.device)
+        rows = {chunk["prompt_ids"].shape[0] for chunk in buffered}
+        if rows != {self.args.per_device_train_batch_size}:
+            raise ValueError(
+                f"Checkpoint {checkpoint} holds micro-batches of {sorted(rows)} rollouts, but "
+                f"per_device_train_batch_size={self.args.per_device_train_batch_size}; resume with the saved value."
+            )
+        self._buffered_inputs = buffered
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save`` with the training arguments written as ``training_args.json`` (not pickled):
+        the model (a PEFT adapter or the full weights, safetensors), the processor and the arguments."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # Non-writing processes only take part when the model was sharded at load time (collective gathers).
+        if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        from peft import PeftModel
+
+        if isinstance(self.model, PreTrainedModel | PeftModel):
+            model = self.model
+        else:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if state_dict is None:
+                state_dict = self.model.state_dict()
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+
+def _flatten_rollouts(chunks: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], str]:
+    """The buffered micro-batches as ``{"<chunk>.<key>": tensor}`` for safetensors, plus the non-tensor
+    entries (e.g. image counts of vision-language prompts) as JSON."""
+    tensors, extras = {}, {}
+    for i, chunk in enumerate(chunks):
+        for key, value in chunk.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                extras[f"{i}.{key}"] = value
+    try:
+        return tensors, json.dumps(extras)
+    except TypeError as err:
+        raise ValueError(
+            f"The buffered rollouts hold entries that cannot be checkpointed ({sorted(extras)}): {err}. Save "
+            "checkpoints at multiples of steps_per_generation × num_iterations micro-steps."
+        ) from err
+
+
+def _unflatten_rollouts(tensors: dict[str, torch.Tensor], extras: str, device) -> list[dict[str, Any]]:
+    """Inverse of :func:`_flatten_rollouts`."""
+    entries = {key: value.to(device) for key, value in tensors.items()}
+    entries.update(json.loads(extras))
+    chunks: dict[int, dict[str, Any]] = {}
+    for name, value in entries.items():
+        index, key = name.split(".", 1)
+        chunks.setdefault(int(index), {})[key] = value
+    return [chunks[i] for i in sorted(chunks)]
 
 
 def _prompt_text(prompt: Any) -> str:
