@@ -555,11 +555,11 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._buffered_inputs = None
         generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0:
-            return  # a generation boundary: the next micro-step samples afresh, as the uninterrupted run does
         name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
         path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
+            if self._step % generate_every == 0:
+                return  # a generation boundary: the next micro-step samples afresh, as the uninterrupted run does
             raise ValueError(
                 f"Checkpoint {checkpoint} falls between two generations but has no {name} with the rollouts this "
                 "process had not trained on yet (saved by another number of processes, with other "
