@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import gather_object
-from datasets import IterableDataset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
@@ -117,6 +116,14 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     logits); the BOI token between them is conditioning only (``tool_mask`` = 0). The reference of the KL is
     the base model with the LoRA adapter disabled, or TRL's frozen copy for full fine-tuning. The completions
     table holds the prompt, the CoT text, the image (wandb / trackio) and the self-certainty columns.
+
+    Checkpoints: when one falls between two generations (``steps_per_generation`` or ``num_iterations`` > 1),
+    each process also saves the rollouts it has not trained on yet (``rollout_buffer_<rank>.safetensors``) and
+    ``train(resume_from_checkpoint=...)`` trains on them, so a resumed run reproduces the uninterrupted one.
+    Such a checkpoint resumes only with the same number of processes, ``steps_per_generation``,
+    ``num_iterations``, ``gradient_accumulation_steps`` and ``per_device_train_batch_size`` (ValueError
+    otherwise). ``resume_from_checkpoint=True`` skips checkpoints whose save was interrupted. The training
+    arguments are saved as ``training_args.json``.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "trl-intrinsic", "self-certainty"]
@@ -227,7 +234,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
 
         Training rollouts take the micro-step counter, which a resume restores, so a resumed run samples the
         same CoT and image tokens as an uninterrupted one; evaluation rollouts take the global step and their
-        rank within it. Each process draws its own stream: the rows of one prompt group on two processes get
+        order within it. Each process draws its own stream: the rows of one prompt group on two processes get
         different samples.
         """
         if mode == "train":
@@ -507,11 +514,6 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
         ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
-        if isinstance(self.train_dataset, IterableDataset) and resume_from_checkpoint:
-            raise ValueError(
-                "Resuming IntrinsicGRPOTrainer on an IterableDataset is not exact (its shuffle buffer is not "
-                "checkpointed); use a map-style Dataset."
-            )
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
