@@ -349,3 +349,21 @@ def test_samples_do_not_depend_on_the_micro_batch_split(tmp_path):
         latents.append(recorder.calls[0]["latents"])
         assert recorder.calls[0]["group_ids"] == [0, 0, 1, 1]
     torch.testing.assert_close(latents[0], latents[1], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_is_flagged_as_off_policy(tmp_path, monkeypatch):
+    from trl_intrinsic.trainers import flow_grpo_trainer
+
+    warnings = []
+    monkeypatch.setattr(flow_grpo_trainer.logger, "warning", lambda message: warnings.append(message))
+    FlowGRPOTrainer(
+        tiny_sd3_pipeline(),
+        [brightness],
+        args=_config(tmp_path),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05),
+    )
+    assert any("lora_dropout=0" in w for w in warnings)
+    warnings.clear()
+    _trainer(tmp_path)  # lora_dropout=0.0
+    assert not any("dropout" in w for w in warnings)

@@ -229,6 +229,12 @@ class FlowGRPOTrainer(_BaseTrainer):
             peft_config = copy.deepcopy(peft_config)
             if not peft_config.target_modules:
                 peft_config.target_modules = list(self.adapter.lora_target_modules)
+            if getattr(peft_config, "lora_dropout", 0.0) > 0:
+                logger.warning(
+                    f"LoRA dropout {peft_config.lora_dropout} makes the trained policy differ from the one that "
+                    "sampled the rollouts (rollouts are sampled without dropout), so importance ratios are not 1 "
+                    "on-policy and updates get clipped; set `lora_dropout=0` (TRL's ModelConfig defaults to 0.05)."
+                )
             transformer.add_adapter(peft_config)
             for param in transformer.parameters():
                 if param.requires_grad:
