@@ -81,6 +81,38 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_flow_grpo.py", "train_solace.py"])
+def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
+    from PIL import Image
+
+    from trl_intrinsic.toyworld.models import TOY_FLOW_DIR
+
+    if not (TOY_FLOW_DIR / "model_index.json").is_file():
+        pytest.skip("no shipped toy flow pipeline")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(EXAMPLES / script), "--output_dir", str(out), "--max_steps", "2",
+        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
+        "--num_generations", "2", "--per_device_train_batch_size", "4", "--num_inference_steps", "3",
+        "--eval_num_inference_steps", "3",
+        *(["--solace_num_probes", "2"] if "solace" in script else []),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "toy accuracy before" in result.stdout and "toy accuracy after" in result.stdout
+    report = json.loads((out / "toy_accuracy.json").read_text())
+    for name in ("before", "after"):
+        assert 0.0 <= report[name]["overall"] <= 1.0 and set(report[name]["counts"].values()) == {2}
+    assert [point["step"] for point in report["curve"]] == [0, 1, 2]  # before, step 1, after
+    assert report["curve"][0]["overall"] == report["before"]["overall"]
+    assert "| overall |" in (out / "toy_accuracy.md").read_text()
+    for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
+        with Image.open(out / png) as image:
+            assert image.width > 100 and image.height > 100
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
+
+
+@pytest.mark.slow
 def test_train_iris_on_a_local_janus(tmp_path):
     from trl_intrinsic.testing import tiny_janus
 
