@@ -741,20 +741,9 @@ class FlowGRPOTrainer(_BaseTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
         ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"`resume_from_checkpoint=True` but {self.args.output_dir} has no complete checkpoint; pass a "
-                    "checkpoint path or start without resuming."
-                )
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
-            if not is_complete_checkpoint(resume_from_checkpoint):
-                raise ValueError(
-                    f"Checkpoint {resume_from_checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: the save "
-                    "was interrupted); resume from an earlier checkpoint or pass `resume_from_checkpoint=True`."
-                )
-            self._resume_checkpoint = str(resume_from_checkpoint)
+            self._resume_checkpoint = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -991,6 +980,26 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             return steps[step]
         logger.warning(f"Skipping incomplete checkpoint {steps[step]} (its save was interrupted).")
     return None
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=...)`` should load: ``True`` means the newest
+    complete checkpoint of ``output_dir``; a path must hold a complete checkpoint; falsy means none."""
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = last_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(
+                f"`resume_from_checkpoint=True` but {output_dir} has no complete checkpoint; pass a checkpoint path "
+                "or start without resuming."
+            )
+    if not resume_from_checkpoint:
+        return None
+    if not is_complete_checkpoint(resume_from_checkpoint):
+        raise ValueError(
+            f"Checkpoint {resume_from_checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: the save was "
+            "interrupted); resume from an earlier checkpoint or pass `resume_from_checkpoint=True`."
+        )
+    return str(resume_from_checkpoint)
 
 
 def _flatten_rollouts(chunks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

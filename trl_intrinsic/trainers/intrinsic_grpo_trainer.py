@@ -43,10 +43,8 @@ from trl_intrinsic.autoregressive import janus as janus_ops
 from trl_intrinsic.rewards.self_certainty import self_certainty
 from trl_intrinsic.trainers.flow_grpo_trainer import (
     ROLLOUT_BUFFER_NAME,
-    TRAINER_STATE_NAME,
     EpochRepeatSampler,
-    is_complete_checkpoint,
-    last_complete_checkpoint,
+    resolve_resume_checkpoint,
 )
 from trl_intrinsic.trainers.grpo_math import group_advantages
 from trl_intrinsic.trainers.intrinsic_grpo_config import IntrinsicGRPOConfig
@@ -514,20 +512,9 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
         ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"`resume_from_checkpoint=True` but {self.args.output_dir} has no complete checkpoint; pass a "
-                    "checkpoint path or start without resuming."
-                )
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
-            if not is_complete_checkpoint(resume_from_checkpoint):
-                raise ValueError(
-                    f"Checkpoint {resume_from_checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: the save "
-                    "was interrupted); resume from an earlier checkpoint or pass `resume_from_checkpoint=True`."
-                )
-            self._resume_checkpoint = str(resume_from_checkpoint)
+            self._resume_checkpoint = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
