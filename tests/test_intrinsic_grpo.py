@@ -163,3 +163,46 @@ def test_invalid_arguments_raise(tmp_path):
         )
     with pytest.raises(TypeError, match="IntrinsicGRPOConfig"):
         IntrinsicGRPOTrainer(model, [nsc_reward], args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
+def _broken(kind):
+    def reward(prompts, completions, **kwargs):
+        if kind == "raises":
+            raise KeyError("score")
+        if kind == "inf":
+            return [math.inf] * len(prompts)
+        if kind == "short":
+            return [0.0]
+        return [None if i == 0 else float(i) for i in range(len(prompts))]  # "some_none"
+
+    reward.__name__ = f"broken_{kind}"
+    return reward
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "message"),
+    [
+        ("raises", RuntimeError, "'broken_raises' raised KeyError at global step 0"),
+        ("inf", ValueError, "'broken_inf' returned an infinite reward at global step 0"),
+        ("short", ValueError, "'broken_short' returned 1 rewards"),
+    ],
+)
+def test_a_broken_reward_stops_with_its_name(tmp_path, kind, error, message):
+    model, tokenizer = tiny_causal_lm()
+    trainer = IntrinsicGRPOTrainer(
+        model, [nsc_reward, _broken(kind)], args=_config(tmp_path, max_steps=1), train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    with pytest.raises(error, match=message):
+        trainer.train()
+
+
+def test_rewards_of_none_are_skipped_samples(tmp_path):
+    model, tokenizer = tiny_causal_lm()
+    trainer = IntrinsicGRPOTrainer(
+        model, [_broken("some_none")], args=_config(tmp_path, max_steps=1), train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    (logs,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(logs["loss"]) and math.isfinite(logs["rewards/broken_some_none/mean"])

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.trainer.utils import nanstd, use_adapter
+from trl.trainer.utils import is_async_callable, nanstd, use_adapter
 
 from trl_intrinsic.autoregressive import janus as janus_ops
 from trl_intrinsic.rewards.self_certainty import self_certainty
@@ -50,6 +51,33 @@ from trl_intrinsic.trainers.grpo_math import group_advantages
 from trl_intrinsic.trainers.intrinsic_grpo_config import IntrinsicGRPOConfig
 
 __all__ = ["IntrinsicGRPOTrainer"]
+
+
+class _CheckedReward:
+    """A synchronous reward function whose failures name it: an exception becomes a ``RuntimeError`` and an
+    infinite reward a ``ValueError``, each naming the function, the global step and the batch (TRL already
+    rejects a wrong number of rewards, and turns ``None`` into NaN, a skipped sample)."""
+
+    def __init__(self, func: Callable, name: str, trainer: IntrinsicGRPOTrainer):
+        self.func, self.__name__, self._trainer = func, name, trainer
+
+    def __call__(self, prompts: list, **kwargs: Any) -> list:
+        step = self._trainer.state.global_step
+        try:
+            values = self.func(prompts=prompts, **kwargs)
+        except Exception as error:
+            raise RuntimeError(
+                f"Reward function '{self.__name__}' raised {type(error).__name__} at global step {step} on a batch "
+                f"of {len(prompts)} completions (first prompt: {_prompt_text(prompts[0])!r})."
+            ) from error
+        values = values.tolist() if isinstance(values, torch.Tensor) else values
+        for value, prompt in zip(values, prompts, strict=False):
+            if value is not None and math.isinf(float(value)):
+                raise ValueError(
+                    f"Reward function '{self.__name__}' returned an infinite reward at global step {step} (prompt "
+                    f"{_prompt_text(prompt)!r}); return None to skip a sample."
+                )
+        return values
 
 
 class _SelfCertaintyRecorder:
@@ -150,6 +178,12 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         if self.is_janus:
             kwargs["peft_config"] = _prepare_janus(model, args, kwargs.get("peft_config"))
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.reward_funcs = [
+            func
+            if isinstance(func, torch.nn.Module) or is_async_callable(func)
+            else _CheckedReward(func, name, self)
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
         self._pending_self_certainty: list[torch.Tensor] = []
         # Set by `train(resume_from_checkpoint=...)`; the first training micro-step restores its rollouts.
         self._resume_checkpoint: str | None = None
