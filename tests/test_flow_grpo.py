@@ -367,3 +367,31 @@ def test_lora_dropout_is_flagged_as_off_policy(tmp_path, monkeypatch):
     warnings.clear()
     _trainer(tmp_path)  # lora_dropout=0.0
     assert not any("dropout" in w for w in warnings)
+
+
+def test_no_secret_reaches_files_or_logs(tmp_path, capsys):
+    secret = "hf_SECRETsecretSECRET123"
+    trainer = _trainer(tmp_path, hub_token=secret, save_strategy="steps", save_steps=1, max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    assert secret not in repr(trainer.state.log_history)
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_loading_never_trusts_remote_code_by_default(tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "model")
+    seen, original = {}, DiffusionPipeline.from_pretrained
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", from_pretrained)
+    _trainer(tmp_path, pipeline=str(tmp_path / "model"))
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
