@@ -395,3 +395,21 @@ def test_loading_never_trusts_remote_code_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", from_pretrained)
     _trainer(tmp_path, pipeline=str(tmp_path / "model"))
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+
+
+@pytest.mark.parametrize("same_latent", [False, True])
+def test_same_latent_shares_the_initial_noise_within_a_group(tmp_path, same_latent):
+    trainer = _trainer(
+        tmp_path, same_latent=same_latent, num_generations=2, per_device_train_batch_size=4, noise_level=1.0,
+        learning_rate=0.0,
+    )  # fmt: skip
+    batches = []
+    generate = trainer._generate_and_score
+    trainer._generate_and_score = lambda inputs, mode: batches.append(generate(inputs, mode)) or batches[-1]
+    trainer.train()
+    (batch,) = batches
+    initial, final = batch["latents"][:, 0], batch["latents"][:, -1]
+    same_within = [torch.equal(initial[i], initial[i + 1]) for i in (0, 2)]
+    assert same_within == [same_latent, same_latent]
+    assert not torch.equal(initial[0], initial[2])  # groups start from different noise
+    assert not torch.allclose(final[0], final[1])  # the SDE steps still differ within a group

@@ -51,6 +51,11 @@ class FlowGRPOConfig(GRPOConfig):
             the terminal one stochastic.
         sde_window_range (`list[int]` or `None`, *optional*):
             `[lo, hi]`: the window lies within steps `lo … hi−1`; `None` means `[0, num_inference_steps − 1]`.
+        same_latent (`bool`, *optional*, defaults to `False`):
+            Start the `num_generations` images of a prompt from the same initial noise (Flow-GRPO's
+            `sample.same_latent`). The images of a group then differ only through the stochastic steps the
+            policy takes, so the group baseline removes the reward variance that comes from the initial
+            noise, which no update can change.
         timestep_fraction (`float`, *optional*, defaults to `1.0`):
             Fraction of the stochastic steps that are trained (`⌈fraction · |window|⌉` steps).
         timestep_selection (`str`, *optional*, defaults to `"prefix"`):
@@ -103,6 +108,9 @@ class FlowGRPOConfig(GRPOConfig):
     )
     sde_window_range: list[int] | None = field(
         default=None, metadata={"help": "[lo, hi]: the window lies within steps lo..hi-1."}
+    )
+    same_latent: bool = field(
+        default=False, metadata={"help": "The images of a prompt group start from the same initial noise."}
     )
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of stochastic steps trained."})
     timestep_selection: str = field(

@@ -365,8 +365,10 @@ class FlowGRPOTrainer(_BaseTrainer):
         train_steps = train_step_indices(window, args.timestep_fraction, args.timestep_selection)
 
         # One generator per sample, seeded by (seed, step, global position): the noise of a sample does not
-        # depend on how the batch is split across processes and micro-batches, and resumes reproduce it.
+        # depend on how the batch is split across processes and micro-batches, and resumes reproduce it. With
+        # `same_latent` the initial noise comes from a generator per prompt group (groups may span processes).
         offset = self.accelerator.process_index * len(prompts)
+        same_latent = args.same_latent and mode == "train"
         timing, started = self._metrics[mode], time.perf_counter()
         micro = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         transformer = self.accelerator.unwrap_model(self.model)
@@ -375,8 +377,13 @@ class FlowGRPOTrainer(_BaseTrainer):
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), micro):
             chunk = rows[start : start + micro]
-            generator = [self._rng(offset + start + i, mode == "eval") for i in range(len(chunk))]
-            noise = self.adapter.prepare_latents(len(chunk), args.resolution, args.resolution, generator)
+            positions = range(offset + start, offset + start + len(chunk))
+            generator = [self._rng(p, mode == "eval") for p in positions]
+            if same_latent:
+                groups = [self._rng(-2, p // self.num_generations) for p in positions]
+                noise = self.adapter.prepare_latents(len(chunk), args.resolution, args.resolution, groups)
+            else:
+                noise = self.adapter.prepare_latents(len(chunk), args.resolution, args.resolution, generator)
             rollouts.append(
                 sample_trajectories(
                     self.adapter,
