@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import save_file
@@ -97,3 +98,5 @@ def main(output_dir: str, results_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Tear gloo down before interpreter exit: left to static destructors, its threads can abort the process.
+    PartialState().destroy_process_group()

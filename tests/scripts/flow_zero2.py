@@ -11,6 +11,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -71,3 +72,5 @@ def main(output_dir: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Tear gloo down before interpreter exit: left to static destructors, its threads can abort the process.
+    PartialState().destroy_process_group()
