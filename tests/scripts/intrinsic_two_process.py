@@ -159,5 +159,9 @@ def main(output_dir: str, results_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Tear gloo down before interpreter exit: left to static destructors, its threads can abort the process.
-    PartialState().destroy_process_group()
+    # Every file is written: leave without interpreter teardown, where torch's background threads
+    # occasionally abort a rank ("terminate called without an active exception") after a clean run.
+    PartialState().wait_for_everyone()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
