@@ -31,6 +31,7 @@ __all__ = [
     "janus_completion_logps",
     "janus_image_size",
     "janus_num_image_tokens",
+    "janus_prompt_ids",
     "position_ids_from_mask",
     "sample_cot",
     "sample_image_tokens",
@@ -51,6 +52,32 @@ def janus_image_size(model) -> int:
     """Side in pixels of the images the VQ decoder produces from :func:`janus_num_image_tokens` tokens."""
     side = round(janus_num_image_tokens(model) ** 0.5)
     return side * 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+
+
+def janus_prompt_ids(processor_or_tokenizer, text: str, bos_token_id: int | None = None) -> list[int]:
+    """Token ids of one chat-formatted user request, as IRIS rollouts feed it to Janus (starts with BOS).
+
+    With a chat template (on the processor or tokenizer) the request is one user turn with the generation
+    prompt appended; without one, Janus-Pro's conversation format ``<|User|>: {text}\n\n<|Assistant|>:``.
+
+    Args:
+        processor_or_tokenizer: a ``JanusProcessor`` or its tokenizer.
+        text: the user message (the CoT request built from ``cot_template``, or the bare prompt).
+        bos_token_id: prepended when the tokenizer did not already start with it; default the
+            tokenizer's ``bos_token_id``.
+    """
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    bos = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
+    if getattr(processor_or_tokenizer, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        ids = processor_or_tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        ids = ids[0] if isinstance(ids[0], (list, torch.Tensor)) else ids
+    else:  # Janus-Pro's conversation format, for processors saved without a chat template
+        ids = tokenizer(f"<|User|>: {text}\n\n<|Assistant|>:")["input_ids"]
+    ids = [int(i) for i in ids]
+    return ids if ids and ids[0] == bos else [bos, *ids]
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

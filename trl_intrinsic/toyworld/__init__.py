@@ -3,7 +3,14 @@
 Light on purpose: importing it needs numpy, PIL and scipy only.
 """
 
-from trl_intrinsic.toyworld.models import load_toy_pipeline
+from trl_intrinsic.toyworld.models import (
+    FLOW_SAMPLING,
+    JANUS_SAMPLING,
+    TOY_FLOW_DIR,
+    TOY_JANUS_DIR,
+    load_toy_janus,
+    load_toy_pipeline,
+)
 from trl_intrinsic.toyworld.rendering import render
 from trl_intrinsic.toyworld.reward import make_verifier_reward, verifier_reward, verifier_reward_partial
 from trl_intrinsic.toyworld.scenes import (
@@ -24,20 +31,25 @@ from trl_intrinsic.toyworld.scenes import (
 from trl_intrinsic.toyworld.verifier import DetectedObject, VerifyResult, detect_objects, evaluate, verify
 
 __all__ = [
+    "FLOW_SAMPLING",
     "HELD_OUT_COUNTS",
     "HELD_OUT_PAIRS",
     "HELD_OUT_POSITIONS",
     "HELD_OUT_SHAPE_ORDERS",
+    "JANUS_SAMPLING",
     "PALETTE",
     "RELATIONS",
     "SHAPES",
     "TAGS",
     "TEST_TAGS",
+    "TOY_FLOW_DIR",
+    "TOY_JANUS_DIR",
     "DetectedObject",
     "VerifyResult",
     "detect_objects",
     "evaluate",
     "held_out_compositions",
+    "load_toy_janus",
     "load_toy_pipeline",
     "make_verifier_reward",
     "normalize_metadata",

@@ -5,6 +5,12 @@
 command, its wall time and the accuracy it reached). Sample it at 32×32 px with
 ``max_sequence_length=1`` (it has no T5 encoder; see :data:`FLOW_SAMPLING`).
 
+``load_toy_janus()`` returns the toy ``JanusForConditionalGeneration`` and its ``JanusProcessor``
+trained by ``python -m trl_intrinsic.toyworld.pretrain janus`` (``weights/janus/TRAINING.md``): 64
+image tokens per 32×32 image, a word-level tokenizer, and a text head that writes a short description
+of the scene (the chain-of-thought of IRIS rollouts) before the image. Sample it as IRIS does, with
+:data:`JANUS_SAMPLING`.
+
 Importing this module is light (torch and diffusers load on the first call).
 """
 
@@ -13,10 +19,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FLOW_SAMPLING", "TOY_FLOW_DIR", "load_toy_pipeline"]
+__all__ = [
+    "FLOW_SAMPLING",
+    "JANUS_SAMPLING",
+    "TOY_FLOW_DIR",
+    "TOY_JANUS_DIR",
+    "load_toy_janus",
+    "load_toy_pipeline",
+]
 
 TOY_FLOW_DIR = Path(__file__).resolve().parent / "weights" / "flow"
 """Directory of the shipped toy flow pipeline."""
+
+TOY_JANUS_DIR = Path(__file__).resolve().parent / "weights" / "janus"
+"""Directory of the shipped toy Janus model and processor."""
 
 FLOW_SAMPLING: dict[str, Any] = {
     "num_inference_steps": 10,
@@ -27,6 +43,16 @@ FLOW_SAMPLING: dict[str, Any] = {
 }
 """Sampling settings the toy flow pipeline was trained for and evaluated with. Without a T5 encoder
 the pipeline appends ``max_sequence_length`` zero tokens to the prompt embedding; training used one."""
+
+JANUS_SAMPLING: dict[str, Any] = {
+    "cfg_weight": 5.0,
+    "image_temperature": 1.0,
+    "temperature": 1.0,
+    "max_cot_tokens": 32,
+}
+"""Sampling settings the toy Janus was evaluated with, in ``IntrinsicGRPOConfig`` terms: classifier-free
+guidance weight and temperature of the image tokens, temperature of the chain-of-thought and its token
+budget (``max_completion_length``; the longest toy description takes fewer tokens, EOS included)."""
 
 
 def load_toy_pipeline(path: str | Path | None = None, **kwargs: Any):
@@ -55,3 +81,36 @@ def load_toy_pipeline(path: str | Path | None = None, **kwargs: Any):
     pipe = StableDiffusion3Pipeline.from_pretrained(path, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_toy_janus(path: str | Path | None = None, **kwargs: Any):
+    """Load the toy ``JanusForConditionalGeneration`` and its ``JanusProcessor`` offline, in fp32 on CPU.
+
+    Args:
+        path: a directory written by ``pretrain janus``; default :data:`TOY_JANUS_DIR` (the shipped model).
+        **kwargs: passed to ``JanusForConditionalGeneration.from_pretrained`` (e.g. ``dtype``).
+
+    Returns:
+        ``(model, processor)``, the model in eval mode with its generation config restored
+        (:func:`trl_intrinsic.testing.restore_janus_generation_config`: ``save_pretrained`` drops the
+        ``boi_token_id``). Prompts are formatted with
+        :func:`trl_intrinsic.autoregressive.janus.janus_prompt_ids` and sampled with
+        :data:`JANUS_SAMPLING`; :func:`trl_intrinsic.autoregressive.janus.decode_images` gives 32×32 images.
+    """
+    import torch
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    from trl_intrinsic.testing import restore_janus_generation_config
+
+    path = TOY_JANUS_DIR if path is None else Path(path)
+    if not (path / "config.json").is_file() or not (path / "processor_config.json").is_file():
+        raise ValueError(
+            f"path: {path} holds no Janus model and processor (config.json, processor_config.json); train one "
+            "with `python -m trl_intrinsic.toyworld.pretrain janus --output DIR`"
+        )
+    options = {"dtype": torch.float32, **kwargs, "local_files_only": True, "use_safetensors": True}
+    model = JanusForConditionalGeneration.from_pretrained(path, **options)
+    processor = JanusProcessor.from_pretrained(path, local_files_only=True)
+    restore_janus_generation_config(model, processor)
+    model.eval()
+    return model, processor

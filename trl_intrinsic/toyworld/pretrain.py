@@ -3,6 +3,11 @@
 Usage::
 
     python -m trl_intrinsic.toyworld.pretrain flow [--minutes M] [--seed S] [--output DIR]
+    python -m trl_intrinsic.toyworld.pretrain janus [--seed S] [--minutes M] [--max-steps N] \
+        [--vq-max-steps N] [--threads T] [--output DIR]
+
+``janus`` trains the toy ``JanusForConditionalGeneration`` (a VQ tokenizer, then the language model
+on IRIS-formatted sequences with a chain-of-thought); see :mod:`trl_intrinsic.toyworld.pretrain_janus`.
 
 ``flow`` trains a small ``StableDiffusion3Pipeline`` in two stages, both on images rendered on the
 fly from ``sample_metadata(split="train")``:
@@ -478,34 +483,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prog="python -m trl_intrinsic.toyworld.pretrain",
         description="Pretrain a toy model on toy-world renders.",
     )
-    parser.add_argument("model", choices=["flow"], help="which toy model to train")
+    parser.add_argument("model", choices=["flow", "janus"], help="which toy model to train")
     parser.add_argument(
-        "--minutes", type=float, default=FlowPretrainConfig.minutes, help="training time (VAE + transformer)"
+        "--minutes",
+        type=float,
+        default=None,
+        help=f"training time, both stages (default {FlowPretrainConfig.minutes} for flow, 35 for janus)",
     )
-    parser.add_argument("--vae-minutes", type=float, default=FlowPretrainConfig.vae_minutes)
+    parser.add_argument("--vae-minutes", type=float, default=None, help="flow: VAE time budget")
+    parser.add_argument("--vq-minutes", type=float, default=None, help="janus: VQ time budget")
     parser.add_argument(
-        "--max-steps", type=int, default=None, help="stop the transformer after this many steps"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop the transformer / language model after this many steps",
     )
     parser.add_argument("--vae-max-steps", type=int, default=None)
+    parser.add_argument("--vq-max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=FlowPretrainConfig.batch_size)
-    parser.add_argument("--eval-every-minutes", type=float, default=FlowPretrainConfig.eval_every_minutes)
-    parser.add_argument("--final-eval-per-tag", type=int, default=FlowPretrainConfig.final_eval_per_tag)
-    parser.add_argument("--threads", type=int, default=FlowPretrainConfig.threads)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--eval-every-minutes", type=float, default=None)
+    parser.add_argument("--final-eval-per-tag", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="default: the package's weights/<model>")
     args = parser.parse_args(argv)
+    args.output = args.output or _default_output(args.model)
+    if args.model == "janus":
+        from trl_intrinsic.toyworld.pretrain_janus import main_janus
+
+        return main_janus(args)
+    options = {
+        "minutes": args.minutes,
+        "vae_minutes": args.vae_minutes,
+        "batch_size": args.batch_size,
+        "eval_every_minutes": args.eval_every_minutes,
+        "final_eval_per_tag": args.final_eval_per_tag,
+        "threads": args.threads,
+    }
     config = FlowPretrainConfig(
         seed=args.seed,
-        minutes=args.minutes,
-        vae_minutes=args.vae_minutes,
         max_steps=args.max_steps,
         vae_max_steps=args.vae_max_steps,
-        batch_size=args.batch_size,
-        eval_every_minutes=args.eval_every_minutes,
-        final_eval_per_tag=args.final_eval_per_tag,
-        threads=args.threads,
+        **{k: v for k, v in options.items() if v is not None},
     )
-    return pretrain_flow(args.output or _default_output(args.model), config)
+    return pretrain_flow(args.output, config)
 
 
 if __name__ == "__main__":

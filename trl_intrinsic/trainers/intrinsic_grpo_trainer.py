@@ -284,16 +284,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
     def _janus_prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted request (the CoT request, or the prompt itself without CoT)."""
         text = self.args.cot_template.format(prompt=prompt) if self.args.use_cot else prompt
-        if getattr(self.processing_class, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-            ids = self.processing_class.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-            ids = ids[0] if isinstance(ids[0], (list, torch.Tensor)) else ids
-        else:  # Janus-Pro's conversation format, for processors saved without a chat template
-            ids = self._tokenizer(f"<|User|>: {text}\n\n<|Assistant|>:")["input_ids"]
-        ids = [int(i) for i in ids]
-        return ids if ids and ids[0] == self._bos_token_id else [self._bos_token_id, *ids]
+        return janus_ops.janus_prompt_ids(self.processing_class, text, self._bos_token_id)
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
