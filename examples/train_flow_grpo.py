@@ -12,14 +12,15 @@ Without ``--config`` and ``--model_name_or_path`` it trains the shipped toy SD3 
 
 from __future__ import annotations
 
-from flow_common import FlowScriptArguments, parse, run
+from common import ScriptArguments, parse
+from flow_common import run
 from trl import ModelConfig, TrlParser
 
 from trl_intrinsic import FlowGRPOConfig
 
 
 def main(argv: list[str] | None = None):
-    parser = TrlParser((FlowScriptArguments, FlowGRPOConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, FlowGRPOConfig, ModelConfig))
     script_args, training_args, model_args = parse(parser, argv, "toy_flow_grpo.yaml")
     return run(script_args, training_args, model_args, reward_funcs=list(script_args.reward_funcs))
 

@@ -1,9 +1,12 @@
 """IRIS: GRPO on negative self-certainty for Janus-Pro (chain-of-thought, then image tokens).
 
+    accelerate launch examples/train_iris.py              # toy world on CPU, default config
     accelerate launch --config_file trl_intrinsic/accelerate_configs/zero3.yaml --num_processes 4 \\
         examples/train_iris.py --config examples/configs/iris_janus_pro_1b.yaml --dataset_name prompts.txt
     python examples/train_iris.py --model_name_or_path path/to/janus --dataset_name toyworld --max_steps 10
 
+Without ``--config`` and ``--model_name_or_path`` it trains the shipped toy Janus with
+``examples/configs/toy_iris.yaml`` and reports toy accuracy before and after on held-out prompts.
 Rewards are names from ``trl_intrinsic.rewards`` (``nsc_reward`` by default; ``verifier_reward`` scores
 toy-world images). ``--model_name_or_path`` may also be a text causal LM, which trains with
 self-certainty rewards on the prompts as text completions.
@@ -11,62 +14,101 @@ self-certainty rewards on the prompts as text completions.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
+from common import GRID_SIZE, AccuracyCurve, ScriptArguments, ToyReport, parse
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
 from trl_intrinsic.data import load_prompt_dataset
+from trl_intrinsic.rewards import reward_by_name
 
 
 @dataclass
-class IrisScriptArguments:
-    """Data and rewards of an IRIS run (the training knobs are in `IntrinsicGRPOConfig`)."""
-
-    dataset_name: str = field(
-        default="toyworld",
-        metadata={
-            "help": "Prompt source: 'toyworld', a hub dataset, a local dataset directory, .txt or GenEval .jsonl."
-        },
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split of the prompt source."})
-    num_train_prompts: int | None = field(
-        default=None, metadata={"help": "Sample this many prompts (all if None)."}
-    )
+class IrisScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
-        default_factory=lambda: ["nsc_reward"], metadata={"help": "Reward names from trl_intrinsic.rewards."}
+        default_factory=lambda: ["nsc_reward"],
+        metadata={"help": "Reward names from trl_intrinsic.rewards, e.g. nsc_reward verifier_reward."},
     )
+
+
+class JanusToyReport(ToyReport):
+    """The toy report of a Janus model, sampled as the trainer's rollouts are (CoT, guidance, temperatures)."""
+
+    def sample(self, grid: bool) -> tuple[dict, list[str], list]:
+        from trl_intrinsic.toyworld.pretrain_janus import evaluate_janus
+
+        args = self.trainer.args
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        model = (
+            model.get_base_model() if hasattr(model, "get_base_model") else model
+        )  # LoRA layers stay active
+        scores = evaluate_janus(
+            model,
+            self.trainer.processing_class,
+            n_per_tag=self.prompts_per_tag,
+            seed=0,
+            split=self.split,
+            use_cot=args.use_cot,
+            cot_template=args.cot_template,
+            return_samples=True,
+            cfg_weight=args.cfg_weight,
+            image_temperature=args.image_temperature,
+            temperature=args.temperature,
+            max_cot_tokens=args.max_completion_length,
+        )
+        samples = scores.pop("samples")
+        if not grid:
+            return scores, [], []
+        picks = range(0, len(samples["images"]), max(1, len(samples["images"]) // GRID_SIZE))
+        picks = list(picks)[:GRID_SIZE]
+        return (
+            scores,
+            [samples["metadata"][i]["prompt"] for i in picks],
+            [samples["images"][i] for i in picks],
+        )
 
 
 def main(argv: list[str] | None = None) -> IntrinsicGRPOTrainer:
     parser = TrlParser((IrisScriptArguments, IntrinsicGRPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(
-        sys.argv[1:] if argv is None else argv
-    )
-    if model_args.model_name_or_path is None:
-        raise ValueError(
-            "--model_name_or_path is required: pass a Janus-Pro checkpoint (e.g. deepseek-community/Janus-Pro-1B "
-            "with --config examples/configs/iris_janus_pro_1b.yaml) or a local JanusForConditionalGeneration "
-            "directory."
-        )
+    script_args, training_args, model_args = parse(parser, argv, "toy_iris.yaml")
+    reward_funcs = [reward_by_name(name) for name in script_args.reward_funcs]
+    toy = model_args.model_name_or_path is None
+    processor = None
+    if toy:
+        from trl_intrinsic.toyworld import load_toy_janus
+
+        model, processor = load_toy_janus()
+    else:
+        model = model_args.model_name_or_path
     dataset = load_prompt_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,
         num_prompts=script_args.num_train_prompts,
         seed=training_args.seed,
     )
-    from trl_intrinsic import rewards
-
     trainer = IntrinsicGRPOTrainer(
-        model=model_args.model_name_or_path,
-        reward_funcs=[getattr(rewards, name) for name in script_args.reward_funcs],
+        model=model,
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        processing_class=processor,
         peft_config=get_peft_config(model_args),
     )
+    report = (
+        JanusToyReport(trainer, script_args.toy_eval_prompts_per_tag, script_args.toy_eval_split)
+        if toy
+        else None
+    )
+    if report is not None:
+        report.measure("before")
+        if script_args.toy_eval_steps:
+            trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if report is not None:
+        report.measure("after")
+        report.write()
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return trainer

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from flow_common import FlowScriptArguments, parse, run
+from common import ScriptArguments, parse
+from flow_common import run
 from trl import ModelConfig, TrlParser
 
 from trl_intrinsic import FlowGRPOConfig
@@ -41,7 +42,7 @@ class SolaceArguments:
 
 
 @dataclass
-class SolaceScriptArguments(FlowScriptArguments):
+class SolaceScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["solace_reward"],
         metadata={"help": "Reward names; 'solace_reward' is configured by the solace_* options."},

@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from flow_common import FlowScriptArguments  # noqa: E402
+from common import ScriptArguments  # noqa: E402
 from train_solace import SolaceArguments, SolaceScriptArguments  # noqa: E402
 
 
 @pytest.mark.parametrize(
     ("config", "dataclasses"),
     [
-        ("toy_flow_grpo.yaml", (FlowScriptArguments, FlowGRPOConfig, ModelConfig)),
+        ("toy_flow_grpo.yaml", (ScriptArguments, FlowGRPOConfig, ModelConfig)),
         ("toy_solace.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
         ("solace_sd35m.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
     ],
@@ -85,10 +85,6 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
 def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
     from PIL import Image
 
-    from trl_intrinsic.toyworld.models import TOY_FLOW_DIR
-
-    if not (TOY_FLOW_DIR / "model_index.json").is_file():
-        pytest.skip("no shipped toy flow pipeline")
     out = tmp_path / "out"
     command = [
         sys.executable, str(EXAMPLES / script), "--output_dir", str(out), "--max_steps", "2",
@@ -131,11 +127,69 @@ def test_train_iris_on_a_local_janus(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_train_iris_without_a_model_says_what_to_pass(tmp_path):
+def test_iris_configs_parse_into_the_script_dataclasses():
+    from train_iris import IrisScriptArguments
+
+    from trl_intrinsic import IntrinsicGRPOConfig
+
+    for config in ("toy_iris.yaml", "iris_janus_pro_1b.yaml"):
+        values = yaml.safe_load((EXAMPLES / "configs" / config).read_text())
+        script_args, training_args, model_args = TrlParser(
+            (IrisScriptArguments, IntrinsicGRPOConfig, ModelConfig)
+        ).parse_args_and_config(
+            ["--config", str(EXAMPLES / "configs" / config), "--use_cpu", "true", "--bf16", "false"]
+        )
+        assert training_args.num_generations == values["num_generations"]
+        assert training_args.cfg_weight == values["cfg_weight"]
+        assert model_args.model_name_or_path == values.get("model_name_or_path")
+    assert script_args.reward_funcs == ["nsc_reward"]
+
+
+def test_train_iris_rejects_an_unknown_reward_name(tmp_path):
     import train_iris
 
-    with pytest.raises(ValueError, match="model_name_or_path"):
-        train_iris.main(["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+    with pytest.raises(ValueError, match=r"Unknown reward name 'nsc'.*nsc_reward"):
+        train_iris.main(["--output_dir", str(tmp_path), "--reward_funcs", "nsc", "--max_steps", "1"])
+
+
+@pytest.mark.slow
+def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(EXAMPLES / "train_iris.py"), "--output_dir", str(out), "--max_steps", "2",
+        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
+        "--num_generations", "2", "--per_device_train_batch_size", "4",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "toy accuracy before" in result.stdout and "toy accuracy after" in result.stdout
+    trained = json.loads((out / "toy_accuracy.json").read_text())
+    for name in ("before", "after"):
+        assert 0.0 <= trained[name]["overall"] <= 1.0 and set(trained[name]["counts"].values()) == {2}
+        assert 0.0 <= trained[name]["cot_exact"] <= 1.0  # the CoT is sampled (use_cot: true in toy_iris.yaml)
+    assert [point["step"] for point in trained["curve"]] == [0, 1, 2]
+    assert "| overall |" in (out / "toy_accuracy.md").read_text()
+    for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
+        with Image.open(out / png) as image:
+            assert image.width > 100 and image.height > 100
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and "language_model" in config["target_modules"]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+
+    report = tmp_path / "report"
+    evaluation = [
+        sys.executable, str(EXAMPLES / "evaluate.py"), "--model", "toy-janus", "--adapter", str(out),
+        "--prompts-per-tag", "2", "--output-dir", str(report),
+    ]  # fmt: skip
+    result = subprocess.run(evaluation, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((report / "toy_accuracy.json").read_text())
+    assert set(scores) >= {"base", "adapter", "split"} and "cot_exact" in scores["adapter"]
+    # Same prompts, seed and sampling settings as the training run's own before/after measurements.
+    assert scores["base"] == trained["before"]
+    assert scores["adapter"] == trained["after"]
 
 
 def test_collect_toy_results_averages_seeds(tmp_path):

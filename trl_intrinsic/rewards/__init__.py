@@ -35,6 +35,7 @@ _LAZY = {
     "ocr_score": "trl_intrinsic.rewards.external",
     # the toy world's rule-based verifier
     "verifier_reward": "trl_intrinsic.toyworld",
+    "verifier_reward_partial": "trl_intrinsic.toyworld",
 }
 
 __all__ = [
@@ -49,10 +50,12 @@ __all__ = [
     "nsc_reward",
     "ocr_score",
     "pick_score",
+    "reward_by_name",
     "self_certainty",
     "self_certainty_reward",
     "solace_reward",
     "verifier_reward",
+    "verifier_reward_partial",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from trl_intrinsic.rewards.self_certainty import nsc_reward, self_certainty, self_certainty_reward
     from trl_intrinsic.rewards.solace import SolaceReward, solace_reward
-    from trl_intrinsic.toyworld import verifier_reward
+    from trl_intrinsic.toyworld import verifier_reward, verifier_reward_partial
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +81,19 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'trl_intrinsic.rewards' has no attribute {name!r}")
+
+
+def reward_by_name(name: str) -> Any:
+    """The reward function exported here under ``name`` (e.g. ``"nsc_reward"``); classes such as
+    :class:`SolaceReward` are configured and passed as objects.
+
+    Raises:
+        ValueError: ``name`` is not a reward of this module; the message lists the available names.
+    """
+    available = sorted(n for n in __all__ if n[0].islower() and n not in ("reward_by_name", "self_certainty"))
+    if name not in available:
+        raise ValueError(f"Unknown reward name {name!r} in `reward_funcs`; available: {available}.")
+    return getattr(sys.modules[__name__], name)
 
 
 def __dir__() -> list[str]:

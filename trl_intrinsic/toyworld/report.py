@@ -30,12 +30,20 @@ def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_accuracy_report(output_dir: str | Path, results: dict[str, dict[str, Any]], **extra: Any) -> Path:
-    """Write ``toy_accuracy.json`` and ``toy_accuracy.md`` into ``output_dir``; returns the markdown path."""
+def write_accuracy_report(
+    output_dir: str | Path, results: dict[str, dict[str, Any]], *, split: str = "test", **extra: Any
+) -> Path:
+    """Write ``toy_accuracy.json`` and ``toy_accuracy.md`` into ``output_dir``; returns the markdown path.
+
+    ``split`` names the prompts the accuracies were measured on (``"test"``: held-out compositions).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "toy_accuracy.json").write_text(json.dumps({**results, **extra}, indent=2) + "\n")
-    markdown = "# Toy-world accuracy (held-out test split)\n\n" + accuracy_table(results) + "\n"
+    (output_dir / "toy_accuracy.json").write_text(
+        json.dumps({**results, "split": split, **extra}, indent=2) + "\n"
+    )
+    title = "held-out test split" if split == "test" else f"{split} split"
+    markdown = f"# Toy-world accuracy ({title})\n\n" + accuracy_table(results) + "\n"
     path = output_dir / "toy_accuracy.md"
     path.write_text(markdown)
     return path

@@ -259,14 +259,9 @@ class FlowGRPOTrainer(_BaseTrainer):
         resolved, names = [], []
         for func in funcs:
             if isinstance(func, str):
-                from trl_intrinsic import rewards
+                from trl_intrinsic.rewards import reward_by_name
 
-                available = sorted(n for n in getattr(rewards, "__all__", []) if n[0].islower())
-                if func not in available:
-                    raise ValueError(
-                        f"Unknown reward name {func!r} in `reward_funcs`; available: {available}."
-                    )
-                func = getattr(rewards, func)
+                func = reward_by_name(func)
             if isinstance(func, torch.nn.Module) or not callable(func):
                 raise TypeError(
                     f"Flow rewards must be plain callables `f(prompts, images, **kwargs)`, got {type(func).__name__}; "

@@ -1,0 +1,163 @@
+"""What the example scripts share: their data arguments, the toy-world default config, and what every
+toy-world run reports: held-out accuracy before/after (and along the way), the
+reward and accuracy curves as PNG plots, and a before/after image grid.
+
+A model family plugs in by subclassing :class:`ToyReport` and implementing ``sample``: the toy
+accuracy of the model as it is now, plus images of the grid prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+GRID_SIZE = 8
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class ScriptArguments:
+    """Data, rewards and toy-world report of an example run (the training knobs are in the trainer config)."""
+
+    dataset_name: str = field(
+        default="toyworld",
+        metadata={
+            "help": "Prompt source: 'toyworld', a hub dataset, a local dataset directory, .txt or GenEval .jsonl."
+        },
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the prompt source."})
+    num_train_prompts: int | None = field(
+        default=None, metadata={"help": "Sample this many prompts (all if None)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["verifier_reward"],
+        metadata={
+            "help": "Reward names from trl_intrinsic.rewards, e.g. verifier_reward clip_score solace_reward."
+        },
+    )
+    toy_eval_prompts_per_tag: int = field(
+        default=20,
+        metadata={"help": "Toy world only: held-out prompts per tag for the before/after accuracy."},
+    )
+    toy_eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "Toy world only: 'test' (held-out compositions, the default) or 'train' (the prompts trained "
+            "on; tells 'not learning' apart from 'not transferring')."
+        },
+    )
+    toy_eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Toy world only: also measure held-out accuracy every this many steps (the accuracy curve); "
+            "0 measures before and after only."
+        },
+    )
+
+    def __post_init__(self):
+        if self.toy_eval_prompts_per_tag < 1:
+            raise ValueError(f"toy_eval_prompts_per_tag must be ≥ 1, got {self.toy_eval_prompts_per_tag}.")
+        if self.toy_eval_split not in ("test", "train"):
+            raise ValueError(f"toy_eval_split must be 'test' or 'train', got {self.toy_eval_split!r}.")
+        if self.toy_eval_steps < 0:
+            raise ValueError(f"toy_eval_steps must be ≥ 0 (0 disables the curve), got {self.toy_eval_steps}.")
+
+
+def default_config_argv(argv: list[str], toy_config: str) -> list[str]:
+    """With neither ``--config`` nor a model given, train on the toy world with ``configs/<toy_config>``."""
+    if "--config" not in argv and not any(a.startswith("--model_name_or_path") for a in argv):
+        return ["--config", str(CONFIGS / toy_config), *argv]
+    return argv
+
+
+def parse(parser, argv: list[str] | None, toy_config: str):
+    argv = default_config_argv(sys.argv[1:] if argv is None else argv, toy_config)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return parser.parse_args_and_config(argv)
+
+
+class ToyReport:
+    """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid."""
+
+    def __init__(self, trainer: Trainer, prompts_per_tag: int, split: str = "test"):
+        self.trainer, self.prompts_per_tag, self.split = trainer, prompts_per_tag, split
+        self.results: dict[str, dict[str, Any]] = {}
+        self.grid_images: dict[str, list] = {}
+        self.grid_prompts: list[str] = []
+        self.curve: list[tuple[int, dict[str, Any]]] = []
+
+    def sample(self, grid: bool) -> tuple[dict[str, Any], list[str], list]:
+        """``(accuracy dict of trl_intrinsic.toyworld.evaluate, grid prompts, grid images)``; the grid
+        lists may be empty when ``grid`` is False. Same prompts and seeds on every call."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def measure(self, name: str, grid: bool = True) -> None:
+        """Held-out accuracy per tag (and a grid of samples) of the model as it is now."""
+        if not self.trainer.accelerator.is_main_process:
+            return
+        self.results[name], prompts, images = self.sample(grid)
+        self.curve.append((self.trainer.state.global_step, self.results[name]))
+        if grid:
+            self.grid_prompts, self.grid_images[name] = prompts, images
+        print(
+            f"toy accuracy {name}: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in self.results[name].items() if isinstance(v, float))
+        )
+
+    def write(self) -> None:
+        """Write ``toy_accuracy.{json,md}``, ``reward_curve.png``, ``accuracy_curve.png`` and ``before_after.png``."""
+        from trl_intrinsic.toyworld.report import before_after_grid, plot_curves, write_accuracy_report
+
+        if not self.trainer.accelerator.is_main_process:
+            return
+        out = Path(self.trainer.args.output_dir)
+        history = self.trainer.state.log_history
+        keys = sorted(
+            {
+                k
+                for h in history
+                for k in h
+                if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))
+            }
+        )
+        curves = {key: [(h["step"], h[key]) for h in history if h.get(key) is not None] for key in keys}
+        plot_curves(curves, out / "reward_curve.png", title="reward (mean over each step's rollouts)")
+        tags = [k for k, v in self.curve[0][1].items() if isinstance(v, float)]
+        plot_curves(
+            {tag: [(step, result[tag]) for step, result in self.curve] for tag in tags},
+            out / "accuracy_curve.png",
+            title=f"toy accuracy on {'held-out' if self.split == 'test' else 'training'} prompts",
+        )
+        before_after_grid(
+            self.grid_prompts, self.grid_images["before"], self.grid_images["after"], out / "before_after.png"
+        )
+        curve = [
+            {"step": step, **{k: v for k, v in result.items() if isinstance(v, float)}}
+            for step, result in self.curve
+        ]
+        path = write_accuracy_report(
+            out, {k: self.results[k] for k in ("before", "after")}, split=self.split, curve=curve
+        )
+        print(path.read_text())
+        print(
+            f"wrote {out / 'reward_curve.png'}, {out / 'accuracy_curve.png'}, {out / 'before_after.png'} and the "
+            f"LoRA adapter in {out}"
+        )
+
+
+class AccuracyCurve(TrainerCallback):
+    """Measures the toy accuracy every ``every`` optimizer steps (same prompts and seeds as before/after)."""
+
+    def __init__(self, report: ToyReport, every: int):
+        self.report, self.every = report, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.report.measure(f"step {state.global_step}", grid=False)
