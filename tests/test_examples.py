@@ -218,3 +218,23 @@ def test_collect_toy_results_averages_seeds(tmp_path):
     assert lines[4] == "| solace | 1 | 0.300 | 0.150 | 0.300 |"
     with pytest.raises(ValueError, match=r"toy_accuracy\.json"):
         main([str(tmp_path / "flow_grpo" / "seed0")])
+
+
+def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
+    import gradient_snr
+
+    rows = gradient_snr.main(
+        [
+            "--output_dir", str(tmp_path), "--estimates", "3", "--per_device_train_batch_size", "8",
+            "--gradient_accumulation_steps", "1", "--num_inference_steps", "3", "--num_train_prompts", "16",
+        ]
+    )  # fmt: skip
+    assert [row["reward"] for row in rows] == ["verifier_reward", "brightness (control)"]
+    for row in rows:
+        assert row["estimates"] == 3 and row["images_per_estimate"] == 8
+        assert -1.0 <= row["cosine_mean"] <= 1.0 and row["cosine_stderr"] >= 0.0
+    assert json.loads((tmp_path / "gradient_snr.json").read_text()) == rows
+    # The dense control reward gives a non-zero gradient in every estimate.
+    assert rows[1]["cosine_mean"] != 0.0
+    with pytest.raises(ValueError, match="estimates"):
+        gradient_snr.main(["--output_dir", str(tmp_path), "--estimates", "1"])
