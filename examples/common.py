@@ -161,3 +161,23 @@ class AccuracyCurve(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
             self.report.measure(f"step {state.global_step}", grid=False)
+
+
+def train_with_report(trainer: Trainer, script_args: ScriptArguments, report_class: type[ToyReport] | None):
+    """Train, save (and push) the adapter; with a ``report_class`` (toy world) measure before, along the way
+    and after, and write the report files."""
+    args = trainer.args
+    report = None
+    if report_class is not None:
+        report = report_class(trainer, script_args.toy_eval_prompts_per_tag, script_args.toy_eval_split)
+        report.measure("before")
+        if script_args.toy_eval_steps:
+            trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if report is not None:
+        report.measure("after")
+        report.write()
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer

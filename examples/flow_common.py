@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from common import GRID_SIZE, AccuracyCurve, ScriptArguments, ToyReport
+from common import GRID_SIZE, ScriptArguments, ToyReport, train_with_report
 from trl import ModelConfig, get_peft_config
 
 from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
@@ -37,23 +37,7 @@ def run(
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
-    report = (
-        FlowToyReport(trainer, script_args.toy_eval_prompts_per_tag, script_args.toy_eval_split)
-        if toy
-        else None
-    )
-    if report is not None:
-        report.measure("before")
-        if script_args.toy_eval_steps:
-            trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if report is not None:
-        report.measure("after")
-        report.write()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return trainer
+    return train_with_report(trainer, script_args, FlowToyReport if toy else None)
 
 
 class FlowToyReport(ToyReport):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common import GRID_SIZE, AccuracyCurve, ScriptArguments, ToyReport, parse
+from common import GRID_SIZE, ScriptArguments, ToyReport, parse, train_with_report
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
@@ -95,23 +95,7 @@ def main(argv: list[str] | None = None) -> IntrinsicGRPOTrainer:
         processing_class=processor,
         peft_config=get_peft_config(model_args),
     )
-    report = (
-        JanusToyReport(trainer, script_args.toy_eval_prompts_per_tag, script_args.toy_eval_split)
-        if toy
-        else None
-    )
-    if report is not None:
-        report.measure("before")
-        if script_args.toy_eval_steps:
-            trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if report is not None:
-        report.measure("after")
-        report.write()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return trainer
+    return train_with_report(trainer, script_args, JanusToyReport if toy else None)
 
 
 if __name__ == "__main__":
