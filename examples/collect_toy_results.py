@@ -4,8 +4,9 @@ Lay out runs as ``<root>/<method>/<seed dir>/toy_accuracy.json`` (the ``--output
 
     python examples/collect_toy_results.py outputs/results --output docs/toy_results.md
 
-prints one table: the base model (every run's "before", which should agree across methods) and each
-method's "after", per tag and overall, as mean ± sample std over its seeds, with the number of seeds.
+prints one table: the base model (every run's "before"; one row per group of methods measured the same
+way, e.g. with and without a chain-of-thought) and each method's "after", per tag and overall, as mean ±
+sample std over its seeds, with the number of seeds.
 """
 
 from __future__ import annotations
@@ -35,16 +36,29 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    """Markdown: one row per method (base first), one column per tag plus overall."""
-    first = next(iter(runs.values()))[0]["before"]
-    tags = [k for k in first if k not in ("overall", "counts")] + ["overall"]
-    rows = {"base": [r["before"] for reports in runs.values() for r in reports]}
+    """Markdown: one row per method after training, preceded by the base model ("before") rows, one column per
+    tag plus overall. Methods whose before-measurements differ (e.g. sampled with and without a
+    chain-of-thought) get a base row each; a tag a method does not report is shown as "—"."""
+    results = [r for reports in runs.values() for r in reports]
+    tags = list(dict.fromkeys(k for r in results for k in r["before"] if k not in ("overall", "counts")))
+    tags.append("overall")
+    groups: dict[str, list[str]] = {}  # methods whose before-measurements are identical share a base row
+    for method, reports in runs.items():
+        key = json.dumps(sorted({json.dumps(r["before"], sort_keys=True) for r in reports}))
+        groups.setdefault(key, []).append(method)
+    rows = {
+        ("base" if len(groups) == 1 else f"base ({', '.join(methods)})"): [
+            r["before"] for method in methods for r in runs[method]
+        ]
+        for methods in groups.values()
+    }
     rows.update({method: [r["after"] for r in reports] for method, reports in runs.items()})
-    seeds = {"base": len(rows["base"]), **{m: len(r) for m, r in runs.items()}}
     lines = ["| model | runs | " + " | ".join(tags) + " |", "|---|---:|" + "---:|" * len(tags)]
-    for name, results in rows.items():
-        cells = [mean_std([r[tag] for r in results]) for tag in tags]
-        lines.append(f"| {name} | {seeds[name]} | " + " | ".join(cells) + " |")
+    for name, measured in rows.items():
+        cells = [
+            mean_std([r[tag] for r in measured]) if all(tag in r for r in measured) else "—" for tag in tags
+        ]
+        lines.append(f"| {name} | {len(measured)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -219,6 +219,23 @@ def test_collect_toy_results_averages_seeds(tmp_path):
     with pytest.raises(ValueError, match=r"toy_accuracy\.json"):
         main([str(tmp_path / "flow_grpo" / "seed0")])
 
+    # Runs whose base measurements differ (IRIS with and without a chain-of-thought) get a base row each;
+    # a tag only some runs report (cot_exact) is left blank for the others.
+    janus = tmp_path / "janus"
+    for method, before, cot in (("iris_cot", 0.2, True), ("iris_no_cot", 0.1, False)):
+        run = janus / method / "seed0"
+        run.mkdir(parents=True)
+        reports = report(before, before + 0.1)
+        if cot:
+            for name in ("before", "after"):
+                reports[name]["cot_exact"] = 0.7
+        (run / "toy_accuracy.json").write_text(json.dumps(reports))
+    lines = main([str(janus)]).splitlines()
+    assert lines[0] == "| model | runs | counting | position | cot_exact | overall |"
+    assert lines[2] == "| base (iris_cot) | 1 | 0.200 | 0.100 | 0.700 | 0.200 |"
+    assert lines[3] == "| base (iris_no_cot) | 1 | 0.100 | 0.050 | — | 0.100 |"
+    assert lines[5] == "| iris_no_cot | 1 | 0.200 | 0.100 | — | 0.200 |"
+
 
 def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
     import gradient_snr
