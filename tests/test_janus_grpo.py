@@ -322,3 +322,19 @@ def test_importance_ratio_is_one_before_the_first_update(tmp_path):
         e["clip_ratio/region_mean"] for e in trainer.state.log_history if "clip_ratio/region_mean" in e
     ]
     assert clip_logs[0] == 0.0 and clip_logs[1] > 0.0  # ε = 1e-4: the moved ratios are clipped
+
+
+def test_rollouts_are_unaffected_by_gradient_checkpointing(tmp_path):
+    """`Trainer.train` turns gradient checkpointing on, and in training mode a checkpointed Llama drops the KV
+    cache the sampling loops rely on. Rollouts are sampled in eval mode, so they are the same either way, and
+    the model is back in training mode afterwards."""
+    trainer = _trainer(tmp_path, gradient_checkpointing=True, max_completion_length=8)
+    janus = trainer._janus()
+    trainer.model.train()
+    janus.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with_checkpointing = trainer._generate_and_score_completions(_batch(trainer))
+    assert trainer.model.training and janus.training
+    janus.gradient_checkpointing_disable()
+    without = trainer._generate_and_score_completions(_batch(trainer))
+    assert torch.equal(with_checkpointing["completion_ids"], without["completion_ids"])
+    assert torch.equal(with_checkpointing["advantages"], without["advantages"])

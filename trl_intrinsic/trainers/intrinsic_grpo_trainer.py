@@ -297,21 +297,14 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
                 mask[i, width - len(r) :] = 1
         return ids, mask
 
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if not self.is_janus:
-            return super()._generate_and_score_completions(inputs)
-        device = self.accelerator.device
-        mode = "train" if self.model.training else "eval"
-        args = self.args
-        prompts = [_prompt_text(x["prompt"]) for x in inputs]
-        janus = self._janus()
-        pad_id = self._tokenizer.pad_token_id
+    def _janus_rollout(self, janus, prompt_rows, prompt_ids, prompt_mask, generator):
+        """Sample the CoT (``use_cot``) and the image tokens of a batch, and decode the images.
 
-        # 1. Rollout: CoT (text head), then image tokens (generation head, CFG), self-certainty from both loops.
-        prompt_rows = [self._janus_prompt_ids(p) for p in prompts]
-        prompt_ids, prompt_mask = self._left_pad(prompt_rows)
-        batch = len(prompts)
-        generator = self._rollout_generator(mode)
+        Returns ``(cot_rows, sc_text_rows, image, images)``: CoT token ids and their per-token self-certainty
+        per row, the :class:`~trl_intrinsic.autoregressive.janus.ImageSample` and the PIL images.
+        """
+        args, device, pad_id = self.args, self.accelerator.device, self._tokenizer.pad_token_id
+        batch = len(prompt_rows)
         if args.use_cot:
             cot = janus_ops.sample_cot(
                 janus,
@@ -346,6 +339,33 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
             generator=generator,
         )
         images = janus_ops.decode_images(janus, image.ids)
+        return cot_rows, sc_text_rows, image, images
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.is_janus:
+            return super()._generate_and_score_completions(inputs)
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        prompts = [_prompt_text(x["prompt"]) for x in inputs]
+        janus = self._janus()
+        pad_id = self._tokenizer.pad_token_id
+
+        # 1. Rollout: CoT (text head), then image tokens (generation head, CFG), self-certainty from both loops.
+        # Sampled in eval mode: in training mode a gradient-checkpointed language model drops the KV cache
+        # the cached loops rely on (and LoRA dropout would make the samples off-policy).
+        prompt_rows = [self._janus_prompt_ids(p) for p in prompts]
+        prompt_ids, prompt_mask = self._left_pad(prompt_rows)
+        batch = len(prompts)
+        generator = self._rollout_generator(mode)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            cot_rows, sc_text_rows, image, images = self._janus_rollout(
+                janus, prompt_rows, prompt_ids, prompt_mask, generator
+            )
+        finally:
+            self.model.train(was_training)
 
         # 2. Training layout: prompt (left-padded) | CoT, BOI, image tokens (right-padded). BOI is a template
         # token: attended, never trained (tool_mask = 0); mm_token_type_ids = 1 marks image tokens.
