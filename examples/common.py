@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def parse(parser, argv: list[str] | None, toy_config: str):
     return parser.parse_args_and_config(argv)
 
 
-class ToyReport:
+class ToyReport(ABC):
     """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid."""
 
     def __init__(self, trainer: Trainer, prompts_per_tag: int, split: str = "test"):
@@ -92,10 +93,10 @@ class ToyReport:
         self.grid_prompts: list[str] = []
         self.curve: list[tuple[int, dict[str, Any]]] = []
 
+    @abstractmethod
     def sample(self, grid: bool) -> tuple[dict[str, Any], list[str], list]:
         """``(accuracy dict of trl_intrinsic.toyworld.evaluate, grid prompts, grid images)``; the grid
         lists may be empty when ``grid`` is False. Same prompts and seeds on every call."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def measure(self, name: str, grid: bool = True) -> None:

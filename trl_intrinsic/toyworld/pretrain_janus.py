@@ -78,6 +78,17 @@ IMAGE_TOKENS = {
 }
 
 
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
+"""``LlamaConfig`` values of the toy Janus's language model (hidden 128, 4 layers)."""
+
+
 @dataclass
 class JanusPretrainConfig:
     """Settings of :func:`pretrain_janus`. Times are wall-clock minutes; a ``max_*_steps`` stops earlier."""
@@ -117,16 +128,7 @@ class JanusPretrainConfig:
     cfg_sweep: tuple[float, ...] = (3.0, 5.0, 7.0)
     cfg_sweep_per_tag: int = 24
     threads: int = 1
-    text: dict[str, Any] = field(
-        default_factory=lambda: {
-            "hidden_size": 128,
-            "intermediate_size": 512,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 256,
-        }
-    )
+    text: dict[str, Any] = field(default_factory=lambda: dict(TEXT_CONFIG))
 
     def __post_init__(self) -> None:
         for name in ("minutes", "vq_minutes", "eval_every_minutes"):
@@ -232,15 +234,7 @@ def build_janus(seed: int = 0, **text_overrides: Any):
     from trl_intrinsic.testing import restore_janus_generation_config
 
     tokenizer = build_janus_tokenizer()
-    text = {
-        "hidden_size": 128,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 256,
-        **text_overrides,
-    }
+    text = {**TEXT_CONFIG, **text_overrides}
     hidden = text["hidden_size"]
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
