@@ -16,6 +16,7 @@ from trl_intrinsic.toyworld.pretrain import (
     build_flow_pipeline,
     evaluate_flow_pipeline,
     main,
+    pretrain_flow,
 )
 
 shipped = pytest.mark.skipif(
@@ -122,6 +123,27 @@ def test_pretrain_flow_smoke(tmp_path):
     assert reloaded.vae.config.scaling_factor != 1.0
     assert reloaded.tokenizer_max_length == 24
 
+    # A continuation keeps the VAE and text encoders, trains the transformer further and counts steps on.
+    more = tmp_path / "more"
+    args = [
+        "flow",
+        "--init-from",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every-minutes",
+        "0",
+    ]
+    continued = main([*args, "--final-eval-per-tag", "1", "--output", str(more)])
+    assert continued["steps"] == 3 and continued["continued_from"]["steps"] == 2
+    assert continued["vae_scaling_factor"] == metrics["vae_scaling_factor"]
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(v, load_file(more / vae)[k]) for k, v in load_file(out / vae).items())
+    after = load_file(more / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)
+
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="caption_dropout"):
@@ -132,5 +154,7 @@ def test_bad_inputs_raise():
         build_flow_pipeline(0, max_prompt_tokens=8)
     with pytest.raises(ValueError, match=r"model_index\.json"):
         load_toy_pipeline("/nonexistent/toy")
+    with pytest.raises(ValueError, match="init_from"):
+        pretrain_flow("/nonexistent/out", FlowPretrainConfig(init_from="/nonexistent/toy"))
     with pytest.raises(SystemExit):
         main(["janus-not-a-model"])

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m trl_intrinsic.toyworld.pretrain flow [--minutes M] [--seed S] [--output DIR]
+    python -m trl_intrinsic.toyworld.pretrain flow [--minutes M] [--seed S] [--output DIR] [--init-from DIR]
     python -m trl_intrinsic.toyworld.pretrain janus [--seed S] [--minutes M] [--max-steps N] \
         [--vq-max-steps N] [--threads T] [--output DIR]
 
@@ -24,6 +24,9 @@ fly from ``sample_metadata(split="train")``:
    works. The two CLIP text encoders stay frozen at their random initialisation (they tell the
    prompts apart, which is all the transformer needs); their embeddings of every training prompt
    are computed once. The saved transformer is an exponential moving average of the weights.
+
+``--init-from DIR`` continues stage 2 from a pipeline saved by an earlier run (its VAE and text encoders
+are kept; the render stream is seeded by the steps already taken, so the continuation sees new images).
 
 The prompts of the held-out ``"test"`` split never appear in training; the accuracy reported at
 the end (verifier, :func:`evaluate_flow_pipeline`) is measured on them.
@@ -95,6 +98,9 @@ class FlowPretrainConfig:
     final_eval_per_tag: int = 200
     threads: int = 1
     max_prompt_tokens: int = 24
+    # Continue from a pipeline written by `pretrain flow` (its VAE, text encoders and transformer) instead
+    # of starting from scratch: the VAE stage is skipped and the transformer trains on new renders.
+    init_from: str | None = None
     transformer: dict[str, Any] = field(
         default_factory=lambda: {
             "num_layers": 4,
@@ -357,8 +363,14 @@ def _format(scores: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "counts")
 
 
-def _train_transformer(pipe, config: FlowPretrainConfig, log, deadline: float) -> dict[str, Any]:
-    """Train ``pipe.transformer`` until ``deadline`` (``time.monotonic()``) or ``max_steps``; keeps the EMA."""
+def _train_transformer(
+    pipe, config: FlowPretrainConfig, log, deadline: float, first_step: int = 0
+) -> dict[str, Any]:
+    """Train ``pipe.transformer`` until ``deadline`` (``time.monotonic()``) or ``max_steps``; keeps the EMA.
+
+    ``first_step`` counts the steps of an earlier run being continued: the render stream is seeded with it,
+    so a continuation sees new images, and ``history`` reports cumulative steps.
+    """
     from tqdm.auto import tqdm
 
     index, table_embeds, table_pooled = _prompt_table(pipe)
@@ -369,8 +381,8 @@ def _train_transformer(pipe, config: FlowPretrainConfig, log, deadline: float) -
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
     )
-    stream = _TrainStream(config.seed + 21, config.train_tags)
-    generator = torch.Generator().manual_seed(config.seed + 22)
+    stream = _TrainStream(config.seed + 21 + 1_000_003 * first_step, config.train_tags)
+    generator = torch.Generator().manual_seed(config.seed + 22 + 1_000_003 * first_step)
     vae = pipe.vae
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
 
@@ -414,8 +426,10 @@ def _train_transformer(pipe, config: FlowPretrainConfig, log, deadline: float) -
             pipe.transformer = ema
             scores = evaluate_flow_pipeline(pipe, n_per_tag=config.eval_per_tag, seed=config.seed + 1000)
             pipe.transformer = model
-            history.append({"step": step, "minutes": elapsed / 60, "loss": running, **scores})
-            log(f"step {step} ({elapsed / 60:.1f} min): loss {running:.4f}, test accuracy {_format(scores)}")
+            history.append({"step": first_step + step, "minutes": elapsed / 60, "loss": running, **scores})
+            log(
+                f"step {first_step + step} ({elapsed / 60:.1f} min): loss {running:.4f}, test accuracy {_format(scores)}"
+            )
     bar.close()
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
@@ -446,13 +460,33 @@ def pretrain_flow(output_dir: str | Path, config: FlowPretrainConfig | None = No
 
         tqdm.write(f"[{(time.monotonic() - wall_start) / 60:5.1f} min] {message}")
 
-    pipe = build_flow_pipeline(config.seed, max_prompt_tokens=config.max_prompt_tokens, **config.transformer)
-    n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    log(f"transformer: {n_params / 1e6:.2f} M parameters")
     metrics: dict[str, Any] = {"config": asdict(config)}
     deadline = time.monotonic() + config.minutes * 60
-    metrics |= _train_vae(pipe.vae, config, log)
-    metrics |= _train_transformer(pipe, config, log, deadline)
+    if config.init_from is None:
+        pipe = build_flow_pipeline(
+            config.seed, max_prompt_tokens=config.max_prompt_tokens, **config.transformer
+        )
+        metrics |= _train_vae(pipe.vae, config, log)
+        first_step = 0
+    else:
+        previous = Path(config.init_from) / "metrics.json"
+        if not previous.is_file():
+            raise ValueError(
+                f"init_from: {config.init_from} has no metrics.json; continue only from a directory written "
+                "by `pretrain flow`"
+            )
+        pipe = load_toy_pipeline(config.init_from)
+        earlier = json.loads(previous.read_text())
+        first_step = int(earlier["steps"])
+        metrics["continued_from"] = {
+            k: earlier[k] for k in ("config", "steps", "test_accuracy") if k in earlier
+        }
+        metrics |= {k: earlier[k] for k in earlier if k.startswith("vae_")}
+        log(f"continuing from {config.init_from} after {first_step} transformer steps")
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    log(f"transformer: {n_params / 1e6:.2f} M parameters")
+    metrics |= _train_transformer(pipe, config, log, deadline, first_step)
+    metrics["steps"] += first_step
 
     # Ship fp16 weights (half the size); measure the accuracy of exactly what ships, reloaded.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -506,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--final-eval-per-tag", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="default: the package's weights/<model>")
+    parser.add_argument(
+        "--init-from", default=None, help="flow: continue training the pipeline saved in this directory"
+    )
     args = parser.parse_args(argv)
     args.output = args.output or _default_output(args.model)
     if args.model == "janus":
@@ -519,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "eval_every_minutes": args.eval_every_minutes,
         "final_eval_per_tag": args.final_eval_per_tag,
         "threads": args.threads,
+        "init_from": args.init_from,
     }
     config = FlowPretrainConfig(
         seed=args.seed,
