@@ -92,6 +92,7 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
         "--num_generations", "2", "--per_device_train_batch_size", "4", "--num_inference_steps", "3",
         "--eval_num_inference_steps", "3",
         *(["--solace_num_probes", "2"] if "solace" in script else []),
+        *(["--gradient_accumulation_steps", "1", "--sde_window_size", "2", "--sde_window_range", "0", "2"] if "grpo" in script else []),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,6 +245,7 @@ def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
         [
             "--output_dir", str(tmp_path), "--estimates", "3", "--per_device_train_batch_size", "8",
             "--gradient_accumulation_steps", "1", "--num_inference_steps", "3", "--num_train_prompts", "16",
+            "--sde_window_size", "2", "--sde_window_range", "0", "2", "--reward_funcs", "verifier_reward",
         ]
     )  # fmt: skip
     assert [row["reward"] for row in rows] == ["verifier_reward", "brightness (control)"]
