@@ -69,6 +69,14 @@ class ScriptArguments:
         if self.toy_eval_steps < 0:
             raise ValueError(f"toy_eval_steps must be ≥ 0 (0 disables the curve), got {self.toy_eval_steps}.")
 
+    def train_dataset(self, seed: int):
+        """The training prompts (a ``datasets.Dataset`` with a ``prompt`` column) from ``dataset_name``."""
+        from trl_intrinsic.data import load_prompt_dataset
+
+        return load_prompt_dataset(
+            self.dataset_name, split=self.dataset_train_split, num_prompts=self.num_train_prompts, seed=seed
+        )
+
 
 def default_config_argv(argv: list[str], toy_config: str) -> list[str]:
     """With neither ``--config`` nor a model given, train on the toy world with ``configs/<toy_config>``."""

@@ -7,7 +7,6 @@ from common import GRID_SIZE, ScriptArguments, ToyReport, train_with_report
 from trl import ModelConfig, get_peft_config
 
 from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
-from trl_intrinsic.data import load_prompt_dataset
 
 
 def run(
@@ -24,12 +23,7 @@ def run(
         model = load_toy_pipeline()
     else:
         model = model_args.model_name_or_path
-    dataset = load_prompt_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_train_split,
-        num_prompts=script_args.num_train_prompts,
-        seed=training_args.seed,
-    )
+    dataset = script_args.train_dataset(training_args.seed)
     trainer = FlowGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,

@@ -29,7 +29,6 @@ from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
-from trl_intrinsic.data import load_prompt_dataset
 from trl_intrinsic.rewards import reward_by_name
 
 
@@ -69,9 +68,7 @@ def measure(
         model=model,
         reward_funcs=[reward],
         args=training_args,
-        train_dataset=load_prompt_dataset(
-            args.dataset_name, split=args.dataset_train_split, num_prompts=args.num_train_prompts, seed=0
-        ),
+        train_dataset=args.train_dataset(seed=0),
         peft_config=get_peft_config(model_args),
     )
     recorder = _GradientRecorder([p for p in trainer.model.parameters() if p.requires_grad])

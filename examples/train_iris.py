@@ -20,7 +20,6 @@ from common import GRID_SIZE, ScriptArguments, ToyReport, parse, train_with_repo
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
-from trl_intrinsic.data import load_prompt_dataset
 from trl_intrinsic.rewards import reward_by_name
 
 
@@ -81,12 +80,7 @@ def main(argv: list[str] | None = None) -> IntrinsicGRPOTrainer:
         model, processor = load_toy_janus()
     else:
         model = model_args.model_name_or_path
-    dataset = load_prompt_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_train_split,
-        num_prompts=script_args.num_train_prompts,
-        seed=training_args.seed,
-    )
+    dataset = script_args.train_dataset(training_args.seed)
     trainer = IntrinsicGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
