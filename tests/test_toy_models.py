@@ -13,6 +13,7 @@ from trl_intrinsic.toyworld import TEST_TAGS, sample_metadata
 from trl_intrinsic.toyworld.models import FLOW_SAMPLING, TOY_FLOW_DIR, load_toy_pipeline
 from trl_intrinsic.toyworld.pretrain import (
     FlowPretrainConfig,
+    blank_share,
     build_flow_pipeline,
     evaluate_flow_pipeline,
     main,
@@ -77,6 +78,18 @@ def test_shipped_flow_accuracy_reproduces_the_record(toy_pipe):
     assert abs(scores["overall"] - recorded) <= tolerance, (scores, recorded)
     # Pretrained: far above an untrained model (which scores 0), yet leaving headroom.
     assert 0.05 < scores["overall"] < 0.95, scores
+    assert scores["blank"] < 0.1  # the base model draws something in nearly every sample
+
+
+def test_blank_share_counts_images_without_content():
+    from PIL import Image
+
+    from trl_intrinsic.toyworld import render, sample_metadata
+
+    drawn = [render(m, seed=0) for m in sample_metadata(3, seed=0)]
+    white, grey = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), (128, 128, 128))
+    assert blank_share(drawn) == 0.0
+    assert blank_share([*drawn, white, grey]) == 0.4
 
 
 @shipped

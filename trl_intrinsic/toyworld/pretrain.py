@@ -343,7 +343,9 @@ def evaluate_flow_pipeline(
         **sampling: overrides of :data:`FLOW_SAMPLING`.
 
     Returns:
-        :func:`trl_intrinsic.toyworld.evaluate`'s dict (accuracy per tag, ``"overall"``, ``"counts"``).
+        :func:`trl_intrinsic.toyworld.evaluate`'s dict (accuracy per tag, ``"overall"``, ``"counts"``), plus
+        ``"blank"``: the share of images without content (pixel standard deviation below
+        :data:`trl_intrinsic.flow.diagnostics.BLANK_IMAGE_STD`), the failure an intrinsic reward can drift to.
     """
     if n_per_tag < 1:
         raise ValueError(f"n_per_tag: must be ≥ 1, got {n_per_tag}")
@@ -356,7 +358,16 @@ def evaluate_flow_pipeline(
     for i in range(0, len(metas), batch_size):
         prompts = [m["prompt"] for m in metas[i : i + batch_size]]
         images += pipe(prompts, generator=generator, output_type="pil", **settings).images
-    return evaluate(images, metas)
+    return {**evaluate(images, metas), "blank": blank_share(images)}
+
+
+def blank_share(images: Sequence[Any]) -> float:
+    """Share of PIL images whose pixel standard deviation (0–1 units, mean over RGB) is below
+    :data:`~trl_intrinsic.flow.diagnostics.BLANK_IMAGE_STD`."""
+    from trl_intrinsic.flow.diagnostics import BLANK_IMAGE_STD, image_std
+
+    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    return float((image_std(pixels.permute(0, 3, 1, 2).float() / 255) < BLANK_IMAGE_STD).float().mean())
 
 
 def _format(scores: dict[str, Any]) -> str:
