@@ -464,3 +464,15 @@ def test_relations_follow_geneval_rule(dx, dy, holds):
 def test_verify_accepts_renders_at_other_sizes(size):
     metas = sample_metadata(36, seed=size) + sample_metadata(10, seed=size, split="test")
     assert all(verify(render(m, seed=i, size=size), m).correct for i, m in enumerate(metas))
+
+
+def test_plot_curves_writes_a_png_of_the_requested_size_and_skips_non_finite_points(tmp_path):
+    from trl_intrinsic.toyworld.report import plot_curves
+
+    curves = {"colors": [(0, 0.6), (10, float("nan")), (20, 0.7)], "overall": [(0, 0.2), (20, 0.3)]}
+    drawn = plot_curves(curves, tmp_path / "curve.png", title="accuracy", size=(480, 300))
+    empty = plot_curves({"overall": [(0, float("nan"))]}, tmp_path / "empty.png", size=(480, 300))
+    with Image.open(drawn) as a, Image.open(empty) as b:
+        assert a.size == b.size == (480, 300)
+        ink = [sum(1 for p in im.convert("L").getdata() if p < 128) for im in (a, b)]
+    assert ink[0] > ink[1]  # the curves and their legend are drawn; the empty plot only says "no data"

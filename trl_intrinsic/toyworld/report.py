@@ -1,7 +1,7 @@
 """What a toy-world training run reports: accuracy before and after, the reward curve, image grids.
 
 Used by the example scripts and ``examples/evaluate.py``; everything is written as JSON, markdown
-and PNG (no plotting library needed).
+and PNG (curves with matplotlib, image grids with PIL).
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 __all__ = ["accuracy_table", "before_after_grid", "plot_curves", "write_accuracy_report"]
-
-_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
-
 
 def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table with one column per result (e.g. ``{"before": ..., "after": ...}``) and one row
@@ -56,49 +53,38 @@ def plot_curves(
     title: str = "",
     size: tuple[int, int] = (640, 400),
 ) -> Path:
-    """Draw ``{name: [(step, value), ...]}`` as line plots on one PNG with axes and a legend."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = [p for curve in curves.values() for p in curve if math.isfinite(p[1])]
-    if not points:
-        draw.text((left, top), "no data", fill="black")
-        image.save(path)
-        return Path(path)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
+    """Draw ``{name: [(step, value), ...]}`` as line plots on one PNG of ``size`` pixels, with a legend.
 
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x0) / (x1 - x0) * (width - left - right)
-        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-        return px, py
+    A curve named ``overall`` is drawn thicker and in black; non-finite values are skipped.
+    """
+    import matplotlib
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):  # y ticks
-        y = y0 + i * (y1 - y0) / 4
-        _, py = to_pixel(x0, y)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{y:.3g}", fill="black")
-    for i in range(5):  # x ticks
-        x = x0 + i * (x1 - x0) / 4
-        px, _ = to_pixel(x, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 10, height - bottom + 8), f"{x:.0f}", fill="black")
-    draw.text((width // 2 - 15, height - 18), "step", fill="black")
-    draw.text((left, 10), title, fill="black")
-    for k, (name, curve) in enumerate(curves.items()):
-        colour = _COLOURS[k % len(_COLOURS)]
-        pixels = [to_pixel(x, y) for x, y in curve if math.isfinite(y)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((width - right - 200, top + 6 + 14 * k), name, fill=colour)
-    image.save(path)
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    dpi = 100
+    figure, axes = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    try:
+        colours = plt.get_cmap("tab10").colors
+        drawn = 0
+        for k, (name, curve) in enumerate(curves.items()):
+            points = [(x, y) for x, y in curve if math.isfinite(y)]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            style = {"color": "black", "linewidth": 2.5} if name == "overall" else {"color": colours[k % 10]}
+            axes.plot(xs, ys, marker="o", markersize=3, label=name, **style)
+            drawn += 1
+        if drawn:
+            axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        else:
+            axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+        axes.set_xlabel("step")
+        axes.set_title(title, fontsize="medium")
+        axes.grid(alpha=0.3)
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
     return Path(path)
 
 
