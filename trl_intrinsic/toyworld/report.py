@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 __all__ = ["accuracy_table", "before_after_grid", "plot_curves", "write_accuracy_report"]
 
+
 def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table with one column per result (e.g. ``{"before": ..., "after": ...}``) and one row
     per tag plus ``overall``; values are the accuracies of :func:`trl_intrinsic.toyworld.evaluate`."""
