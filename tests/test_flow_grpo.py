@@ -237,13 +237,30 @@ def test_push_to_hub_uploads_only_weights_and_card(tmp_path, monkeypatch):
     assert list(table.columns) == ["step", "prompt", "reward"] and len(table) == 4
 
 
-def test_evaluation_samples_deterministically(tmp_path):
-    eval_dataset = Dataset.from_dict({"prompt": PROMPTS[:2]})
-    trainer = _trainer(tmp_path, eval_num_inference_steps=4, per_device_eval_batch_size=2)
+def test_evaluation_samples_deterministically_whatever_the_training_step(tmp_path):
+    seen = []
+
+    def recording_brightness(prompts, images, **kwargs):
+        seen.append(brightness(prompts, images))
+        return seen[-1]
+
+    # The same prompt twice, in two evaluation batches of one group each.
+    eval_dataset = Dataset.from_dict({"prompt": [PROMPTS[0], PROMPTS[0]]})
+    trainer = _trainer(
+        tmp_path,
+        reward_funcs=(recording_brightness,),
+        eval_num_inference_steps=4,
+        per_device_eval_batch_size=2,
+    )
     first = trainer.evaluate(eval_dataset)
+    trainer.state.global_step = 7  # the model is unchanged: a later evaluation must draw the same samples
     second = trainer.evaluate(eval_dataset)
     assert "eval_reward" in first
     assert first["eval_reward"] == pytest.approx(second["eval_reward"], abs=1e-7)
+    assert seen[:2] == seen[2:], (
+        "each evaluation batch starts from the same noise as in the previous evaluation"
+    )
+    assert seen[0] != seen[1], "two batches of one evaluation start from different noise"
 
 
 @pytest.mark.parametrize(

@@ -338,3 +338,19 @@ def test_rollouts_are_unaffected_by_gradient_checkpointing(tmp_path):
     without = trainer._generate_and_score_completions(_batch(trainer))
     assert torch.equal(with_checkpointing["completion_ids"], without["completion_ids"])
     assert torch.equal(with_checkpointing["advantages"], without["advantages"])
+
+
+def test_evaluation_samples_the_same_rollouts_whatever_the_training_step(tmp_path):
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, recorder, per_device_eval_batch_size=2)
+    eval_dataset = Dataset.from_dict({"prompt": ["a red circle"] * 2, "tag": ["single"] * 2})  # two batches
+    first = trainer.evaluate(eval_dataset)
+    trainer.state.global_step = 7  # the model is unchanged: a later evaluation must draw the same rollouts
+    second = trainer.evaluate(eval_dataset)
+    assert first["eval_rewards/nsc_reward/mean"] == pytest.approx(
+        second["eval_rewards/nsc_reward/mean"], abs=1e-6
+    )
+    calls = [c["completion_ids"] for c in recorder.calls]
+    half = len(calls) // 2
+    assert half >= 2 and calls[:half] == calls[half:]
+    assert calls[0] != calls[1], "two batches of one evaluation draw different rollouts"

@@ -171,6 +171,7 @@ class FlowGRPOTrainer(_BaseTrainer):
         if self.ref_transformer is not None:
             self.ref_transformer.to(self.accelerator.device)
         self._step = 0
+        self._eval_batches = 0  # batches sampled by the current `evaluate()` call
         self._buffered_inputs: list[dict] | None = None
         self._resume_checkpoint: str | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
@@ -326,12 +327,21 @@ class FlowGRPOTrainer(_BaseTrainer):
         ]
 
     # ------------------------------------------------------------------ rollouts and rewards
-    def _rng(self, *salt: int) -> torch.Generator:
-        """A generator determined by (seed, global step, *salt): identical across resumes."""
+    def _rng(self, *salt: int, step: int | None = None) -> torch.Generator:
+        """A generator determined by (seed, ``step`` (default: the global step), *salt): identical across
+        resumes."""
         seed = self.args.seed
-        for value in (self.state.global_step, *salt):
+        for value in (self.state.global_step if step is None else step, *salt):
             seed = (seed * 1_000_003 + int(value)) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """``Trainer.evaluate``. Evaluation samples start from the same noise on every call, whatever the
+        training step, so successive evaluations compare models, not noise draws."""
+        self._eval_batches = 0
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     @torch.no_grad()
     def _generate_and_score(self, inputs: list[dict], mode: str) -> dict[str, Any]:
@@ -364,6 +374,8 @@ class FlowGRPOTrainer(_BaseTrainer):
         # `same_latent` the initial noise comes from a generator per prompt group (groups may span processes).
         offset = self.accelerator.process_index * len(prompts)
         same_latent = args.same_latent and mode == "train"
+        if mode == "eval":  # seeded by the batch's place in the evaluation, not by the training step
+            batch_index, self._eval_batches = self._eval_batches, self._eval_batches + 1
         timing, started = self._metrics[mode], time.perf_counter()
         micro = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         transformer = self.accelerator.unwrap_model(self.model)
@@ -373,7 +385,10 @@ class FlowGRPOTrainer(_BaseTrainer):
         for start in range(0, len(prompts), micro):
             chunk = rows[start : start + micro]
             positions = range(offset + start, offset + start + len(chunk))
-            generator = [self._rng(p, mode == "eval") for p in positions]
+            if mode == "eval":
+                generator = [self._rng(-3, batch_index, p, step=0) for p in positions]
+            else:
+                generator = [self._rng(p, 0) for p in positions]
             if same_latent:
                 groups = [self._rng(-2, p // self.num_generations) for p in positions]
                 noise = self.adapter.prepare_latents(len(chunk), args.resolution, args.resolution, groups)

@@ -259,23 +259,21 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
         if self._bos_token_id is None:
             raise ValueError("The Janus tokenizer has no `bos_token`; Janus prompts must start with BOS.")
         self.num_image_tokens = janus_ops.janus_num_image_tokens(janus)
-        self._eval_rollouts = (-1, 0)  # (global step, eval rollouts sampled at that step)
+        self._eval_rollouts = 0  # rollouts sampled by the current `evaluate()` call
 
     def _rollout_generator(self, mode: str) -> torch.Generator:
         """The generator of one Janus rollout, seeded by (seed, mode, position in training, process).
 
         Training rollouts take the micro-step counter, which a resume restores, so a resumed run samples the
-        same CoT and image tokens as an uninterrupted one; evaluation rollouts take the global step and their
-        order within it. Each process draws its own stream: the rows of one prompt group on two processes get
-        different samples.
+        same CoT and image tokens as an uninterrupted one; evaluation rollouts take their order within the
+        `evaluate()` call, so every evaluation draws the same samples whatever the training step. Each process
+        draws its own stream: the rows of one prompt group on two processes get different samples.
         """
         if mode == "train":
             position = (0, self._step)
         else:
-            step, count = self._eval_rollouts
-            count = count + 1 if step == self.state.global_step else 0
-            self._eval_rollouts = (self.state.global_step, count)
-            position = (1, self.state.global_step, count)
+            position = (1, self._eval_rollouts)
+            self._eval_rollouts += 1
         seed = self.args.seed
         for value in (*position, self.accelerator.process_index):
             seed = (seed * 1_000_003 + int(value)) % (2**63 - 1)
@@ -553,6 +551,14 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
             self._restore_rollout_buffer(self._resume_checkpoint)
             self._resume_checkpoint = None
         return super()._prepare_inputs(generation_batch)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """``Trainer.evaluate``. Every call samples the same rollouts for the same prompts, whatever the training
+        step, so successive evaluations compare models, not sampling draws."""
+        self._eval_rollouts = 0
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
