@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,13 @@ class ScriptArguments:
             "0 measures before and after only."
         },
     )
+    toy_eval_reward_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "Toy world only: also score the trained rewards on this many fixed held-out prompts "
+            "(num_generations samples each, `trainer.evaluate()`) whenever accuracy is measured; 0 disables."
+        },
+    )
 
     def __post_init__(self):
         if self.toy_eval_prompts_per_tag < 1:
@@ -68,6 +75,10 @@ class ScriptArguments:
             raise ValueError(f"toy_eval_split must be 'test' or 'train', got {self.toy_eval_split!r}.")
         if self.toy_eval_steps < 0:
             raise ValueError(f"toy_eval_steps must be ≥ 0 (0 disables the curve), got {self.toy_eval_steps}.")
+        if self.toy_eval_reward_prompts < 0:
+            raise ValueError(
+                f"toy_eval_reward_prompts must be ≥ 0 (0 disables), got {self.toy_eval_reward_prompts}."
+            )
 
     def train_dataset(self, seed: int):
         """The training prompts (a ``datasets.Dataset`` with a ``prompt`` column) from ``dataset_name``."""
@@ -92,26 +103,59 @@ def parse(parser, argv: list[str] | None, toy_config: str):
 
 
 class ToyReport(ABC):
-    """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid."""
+    """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid.
 
-    def __init__(self, trainer: Trainer, prompts_per_tag: int, split: str = "test"):
+    With ``reward_prompts`` > 0 each measurement also scores the trained rewards on that many fixed prompts of
+    the same split (``trainer.evaluate()``: the trainer's own rollouts, the same samples every time), so a run
+    shows what it did to its own objective as well as to the verifier's accuracy.
+    """
+
+    def __init__(self, trainer: Trainer, prompts_per_tag: int, split: str = "test", reward_prompts: int = 0):
         self.trainer, self.prompts_per_tag, self.split = trainer, prompts_per_tag, split
         self.results: dict[str, dict[str, Any]] = {}
         self.grid_images: dict[str, list] = {}
         self.grid_prompts: list[str] = []
         self.curve: list[tuple[int, dict[str, Any]]] = []
+        self.reward_dataset = None
+        if reward_prompts:
+            from trl_intrinsic.data import load_prompt_dataset
+
+            self.reward_dataset = load_prompt_dataset(
+                "toyworld", split=split, num_prompts=reward_prompts, seed=4321
+            )
 
     @abstractmethod
     def sample(self, grid: bool) -> tuple[dict[str, Any], list[str], list]:
         """``(accuracy dict of trl_intrinsic.toyworld.evaluate, grid prompts, grid images)``; the grid
         lists may be empty when ``grid`` is False. Same prompts and seeds on every call."""
 
+    def rewards(self) -> dict[str, float]:
+        """``{reward name: mean}`` over the rollouts of the fixed reward prompts (call on every process)."""
+        model, control = self.trainer.model, self.trainer.control
+        was_training, flags = model.training, asdict(control)
+        metrics = self.trainer.evaluate(self.reward_dataset)
+        # evaluate() leaves the model in eval mode and resets the control flags (should_log, ...) that the step
+        # being measured has set: restore both so that the training step still logs and saves.
+        model.train(was_training)
+        for name, value in flags.items():
+            setattr(control, name, value)
+        prefix, suffix = "eval_rewards/", "/mean"
+        return {
+            k[len(prefix) : -len(suffix)]: v
+            for k, v in metrics.items()
+            if k.startswith(prefix) and k.endswith(suffix)
+        }
+
     @torch.no_grad()
     def measure(self, name: str, grid: bool = True) -> None:
-        """Held-out accuracy per tag (and a grid of samples) of the model as it is now."""
+        """Held-out accuracy per tag (and a grid of samples) of the model as it is now, and the trained
+        rewards on the fixed reward prompts."""
+        rewards = self.rewards() if self.reward_dataset is not None else None
         if not self.trainer.accelerator.is_main_process:
             return
         self.results[name], prompts, images = self.sample(grid)
+        if rewards is not None:
+            self.results[name]["rewards"] = rewards
         self.curve.append((self.trainer.state.global_step, self.results[name]))
         if grid:
             self.grid_prompts, self.grid_images[name] = prompts, images
@@ -119,6 +163,11 @@ class ToyReport(ABC):
             f"toy accuracy {name}: "
             + ", ".join(f"{k}={v:.3f}" for k, v in self.results[name].items() if isinstance(v, float))
         )
+        if rewards:
+            print(
+                f"rewards on {len(self.reward_dataset)} held-out prompts {name}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in rewards.items())
+            )
 
     def write(self) -> None:
         """Write ``toy_accuracy.{json,md}``, ``reward_curve.png``, ``accuracy_curve.png`` and ``before_after.png``."""
@@ -136,8 +185,20 @@ class ToyReport(ABC):
                 if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))
             }
         )
-        curves = {key: [(h["step"], h[key]) for h in history if h.get(key) is not None] for key in keys}
-        plot_curves(curves, out / "reward_curve.png", title="reward (mean over each step's rollouts)")
+        curves = {
+            key.removeprefix("rewards/").removesuffix("/mean"): [
+                (h["step"], h[key]) for h in history if h.get(key) is not None
+            ]
+            for key in keys
+        }
+        for key in sorted({k for _, result in self.curve for k in result.get("rewards", {})}):
+            points = [(step, r["rewards"][key]) for step, r in self.curve if key in r.get("rewards", {})]
+            curves[f"{key}, fixed prompts"] = points
+        title = "mean reward of each step's rollouts"
+        if self.reward_dataset is not None:
+            split = "held-out" if self.split == "test" else "training"
+            title += f", and of {len(self.reward_dataset)} fixed {split} prompts"
+        plot_curves(curves, out / "reward_curve.png", title=title)
         tags = [k for k, v in self.curve[0][1].items() if isinstance(v, float)]
         plot_curves(
             {tag: [(step, result[tag]) for step, result in self.curve] for tag in tags},
@@ -148,7 +209,7 @@ class ToyReport(ABC):
             self.grid_prompts, self.grid_images["before"], self.grid_images["after"], out / "before_after.png"
         )
         curve = [
-            {"step": step, **{k: v for k, v in result.items() if isinstance(v, float)}}
+            {"step": step, **{k: v for k, v in result.items() if isinstance(v, float) or k == "rewards"}}
             for step, result in self.curve
         ]
         path = write_accuracy_report(
@@ -178,7 +239,12 @@ def train_with_report(trainer: Trainer, script_args: ScriptArguments, report_cla
     args = trainer.args
     report = None
     if report_class is not None:
-        report = report_class(trainer, script_args.toy_eval_prompts_per_tag, script_args.toy_eval_split)
+        report = report_class(
+            trainer,
+            script_args.toy_eval_prompts_per_tag,
+            script_args.toy_eval_split,
+            reward_prompts=script_args.toy_eval_reward_prompts,
+        )
         report.measure("before")
         if script_args.toy_eval_steps:
             trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))

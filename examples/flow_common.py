@@ -37,10 +37,12 @@ def run(
 class FlowToyReport(ToyReport):
     """The toy report of a flow pipeline: :func:`evaluate_flow_pipeline` and a grid of 8 held-out prompts."""
 
-    def __init__(self, trainer: FlowGRPOTrainer, prompts_per_tag: int, split: str = "test"):
+    def __init__(
+        self, trainer: FlowGRPOTrainer, prompts_per_tag: int, split: str = "test", reward_prompts: int = 0
+    ):
         from trl_intrinsic.toyworld import sample_metadata
 
-        super().__init__(trainer, prompts_per_tag, split)
+        super().__init__(trainer, prompts_per_tag, split, reward_prompts)
         self.grid_prompts = [m["prompt"] for m in sample_metadata(GRID_SIZE, seed=1234, split=split)]
 
     def sample(self, grid: bool) -> tuple[dict, list[str], list]:

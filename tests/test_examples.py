@@ -1,6 +1,7 @@
 """The example scripts parse their configs and train end to end (tiny local pipeline, a couple of steps)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
         sys.executable, str(EXAMPLES / script), "--output_dir", str(out), "--max_steps", "2",
         "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
         "--num_generations", "2", "--per_device_train_batch_size", "4", "--num_inference_steps", "3",
-        "--eval_num_inference_steps", "3",
+        "--eval_num_inference_steps", "3", "--toy_eval_reward_prompts", "2",
         *(["--solace_num_probes", "2"] if "solace" in script else []),
         *(["--gradient_accumulation_steps", "1", "--sde_window_size", "2", "--sde_window_range", "0", "2"] if "grpo" in script else []),
     ]  # fmt: skip
@@ -102,7 +103,15 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
         assert 0.0 <= report[name]["overall"] <= 1.0 and set(report[name]["counts"].values()) == {2}
     assert [point["step"] for point in report["curve"]] == [0, 1, 2]  # before, step 1, after
     assert report["curve"][0]["overall"] == report["before"]["overall"]
-    assert "| overall |" in (out / "toy_accuracy.md").read_text()
+    # Both training steps are logged, also the one measured in the middle of training (evaluate() inside a
+    # step must not swallow the step's own log).
+    assert (result.stdout + result.stderr).count("'policy_loss'") == 2
+    reward = "solace_reward" if "solace" in script else "verifier_reward_partial"
+    for point in report["curve"]:  # the trained reward on fixed held-out prompts, at every measurement
+        assert set(point["rewards"]) == {reward} and math.isfinite(point["rewards"][reward])
+    assert report["after"]["rewards"] == report["curve"][-1]["rewards"]
+    markdown = (out / "toy_accuracy.md").read_text()
+    assert "| overall |" in markdown and f"| {reward} |" in markdown
     for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
         with Image.open(out / png) as image:
             assert image.width > 100 and image.height > 100
@@ -161,7 +170,7 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     command = [
         sys.executable, str(EXAMPLES / "train_iris.py"), "--output_dir", str(out), "--max_steps", "2",
         "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
-        "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--num_generations", "2", "--per_device_train_batch_size", "4", "--toy_eval_reward_prompts", "2",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,6 +179,7 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     for name in ("before", "after"):
         assert 0.0 <= trained[name]["overall"] <= 1.0 and set(trained[name]["counts"].values()) == {2}
         assert 0.0 <= trained[name]["cot_exact"] <= 1.0  # the CoT is sampled (use_cot: true in toy_iris.yaml)
+        assert trained[name]["rewards"]["nsc_reward"] < 0  # NSC on fixed held-out prompts (a negative number)
     assert [point["step"] for point in trained["curve"]] == [0, 1, 2]
     assert "| overall |" in (out / "toy_accuracy.md").read_text()
     for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
@@ -189,8 +199,9 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     scores = json.loads((report / "toy_accuracy.json").read_text())
     assert set(scores) >= {"base", "adapter", "split"} and "cot_exact" in scores["adapter"]
     # Same prompts, seed and sampling settings as the training run's own before/after measurements.
-    assert scores["base"] == trained["before"]
-    assert scores["adapter"] == trained["after"]
+    accuracy = {name: {k: v for k, v in trained[name].items() if k != "rewards"} for name in ("before", "after")}
+    assert scores["base"] == accuracy["before"]
+    assert scores["adapter"] == accuracy["after"]
 
 
 def test_collect_toy_results_averages_seeds(tmp_path):

@@ -14,17 +14,32 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-__all__ = ["accuracy_table", "before_after_grid", "plot_curves", "write_accuracy_report"]
+__all__ = ["accuracy_table", "before_after_grid", "plot_curves", "reward_table", "write_accuracy_report"]
 
 
 def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table with one column per result (e.g. ``{"before": ..., "after": ...}``) and one row
     per tag plus ``overall``; values are the accuracies of :func:`trl_intrinsic.toyworld.evaluate`."""
     names = list(results)
-    tags = [k for k in next(iter(results.values())) if k not in ("overall", "counts")]
+    first = next(iter(results.values()))
+    tags = [k for k, v in first.items() if isinstance(v, (int, float)) and k != "overall"]
     lines = ["| tag | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for tag in [*tags, "overall"]:
         lines.append(f"| {tag} | " + " | ".join(f"{results[n][tag]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def reward_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of the ``"rewards"`` entries of ``results`` (``{reward name: mean}`` per result), one
+    row per reward; empty when no result has one."""
+    names = [n for n in results if results[n].get("rewards")]
+    if not names:
+        return ""
+    keys = list(dict.fromkeys(k for n in names for k in results[n]["rewards"]))
+    lines = ["| reward | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key in keys:
+        cells = (results[n]["rewards"].get(key) for n in names)
+        lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -42,6 +57,9 @@ def write_accuracy_report(
     )
     title = "held-out test split" if split == "test" else f"{split} split"
     markdown = f"# Toy-world accuracy ({title})\n\n" + accuracy_table(results) + "\n"
+    rewards = reward_table(results)
+    if rewards:
+        markdown += f"\n## Trained rewards on fixed prompts of the same split\n\n{rewards}\n"
     path = output_dir / "toy_accuracy.md"
     path.write_text(markdown)
     return path
@@ -81,7 +99,7 @@ def plot_curves(
         else:
             axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
         axes.set_xlabel("step")
-        axes.set_title(title, fontsize="medium")
+        figure.suptitle(title, fontsize="medium")
         axes.grid(alpha=0.3)
         figure.savefig(path)
     finally:
