@@ -199,7 +199,9 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     scores = json.loads((report / "toy_accuracy.json").read_text())
     assert set(scores) >= {"base", "adapter", "split"} and "cot_exact" in scores["adapter"]
     # Same prompts, seed and sampling settings as the training run's own before/after measurements.
-    accuracy = {name: {k: v for k, v in trained[name].items() if k != "rewards"} for name in ("before", "after")}
+    accuracy = {
+        name: {k: v for k, v in trained[name].items() if k != "rewards"} for name in ("before", "after")
+    }
     assert scores["base"] == accuracy["before"]
     assert scores["adapter"] == accuracy["after"]
 
