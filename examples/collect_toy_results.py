@@ -29,10 +29,10 @@ def load_runs(root: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(runs: dict[str, list[dict]]) -> str:
@@ -40,11 +40,13 @@ def table(runs: dict[str, list[dict]]) -> str:
     tag plus overall. Methods whose before-measurements differ (e.g. sampled with and without a
     chain-of-thought) get a base row each; a tag a method does not report is shown as "—"."""
     results = [r for reports in runs.values() for r in reports]
-    tags = list(dict.fromkeys(k for r in results for k in r["before"] if k not in ("overall", "counts")))
+    tags = list(
+        dict.fromkeys(k for r in results for k, v in r["before"].items() if _is_number(v) and k != "overall")
+    )
     tags.append("overall")
-    groups: dict[str, list[str]] = {}  # methods whose before-measurements are identical share a base row
+    groups: dict[str, list[str]] = {}  # methods whose before-accuracies are identical share a base row
     for method, reports in runs.items():
-        key = json.dumps(sorted({json.dumps(r["before"], sort_keys=True) for r in reports}))
+        key = json.dumps(sorted({json.dumps(_accuracies(r["before"]), sort_keys=True) for r in reports}))
         groups.setdefault(key, []).append(method)
     rows = {
         ("base" if len(groups) == 1 else f"base ({', '.join(methods)})"): [
@@ -62,12 +64,48 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def reward_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: the trained rewards on the fixed prompts (the reports' ``"rewards"``), before and after, and
+    their change per seed, one row per method and reward; empty when no report has them."""
+    lines = []
+    for method, reports in runs.items():
+        names = dict.fromkeys(k for r in reports for k in r["before"].get("rewards", {}))
+        for name in names:
+            pairs = [
+                (r["before"]["rewards"][name], r["after"]["rewards"][name])
+                for r in reports
+                if name in r["before"].get("rewards", {}) and name in r["after"].get("rewards", {})
+            ]
+            if pairs:
+                before, after = zip(*pairs, strict=True)
+                change = [a - b for b, a in pairs]
+                cells = [mean_std(list(v)) for v in (before, after, change)]
+                lines.append(f"| {method} | {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = ["| model | reward | runs | before | after | change |", "|---|---|---:|---:|---:|---:|"]
+    return "\n".join(header + lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _accuracies(result: dict) -> dict:
+    """A report entry without its trained rewards (which depend on the run's seed)."""
+    return {k: v for k, v in result.items() if k != "rewards"}
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="directory holding <method>/<seed>/toy_accuracy.json")
     parser.add_argument("--output", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
-    markdown = table(load_runs(args.root))
+    runs = load_runs(args.root)
+    markdown = table(runs)
+    rewards = reward_table(runs)
+    if rewards:
+        markdown += "\n\nTrained rewards on the fixed prompts, mean ± std over seeds:\n\n" + rewards
     if args.output:
         args.output.write_text(markdown + "\n")
     print(markdown)

@@ -250,6 +250,20 @@ def test_collect_toy_results_averages_seeds(tmp_path):
     assert lines[3] == "| base (iris_no_cot) | 1 | 0.100 | 0.050 | — | 0.100 |"
     assert lines[5] == "| iris_no_cot | 1 | 0.200 | 0.100 | — | 0.200 |"
 
+    # Trained rewards on the fixed prompts depend on the seed: they do not split the base row, and get a table
+    # of their own (before, after and the change per seed).
+    nsc = tmp_path / "nsc"
+    for seed, (before, after) in enumerate([(-22.0, -20.0), (-23.0, -20.0)]):
+        run = nsc / "iris_cot" / f"seed{seed}"
+        run.mkdir(parents=True)
+        reports = report(0.2, 0.3)
+        reports["before"]["rewards"], reports["after"]["rewards"] = {"nsc_reward": before}, {"nsc_reward": after}
+        (run / "toy_accuracy.json").write_text(json.dumps(reports))
+    lines = main([str(nsc)]).splitlines()
+    assert lines[0] == "| model | runs | counting | position | overall |"
+    assert lines[2] == "| base | 2 | 0.200 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |"
+    assert lines[-1] == "| iris_cot | nsc_reward | 2 | -22.500 ± 0.707 | -20.000 ± 0.000 | 2.500 ± 0.707 |"
+
 
 def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
     import gradient_snr
