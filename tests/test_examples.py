@@ -257,7 +257,10 @@ def test_collect_toy_results_averages_seeds(tmp_path):
         run = nsc / "iris_cot" / f"seed{seed}"
         run.mkdir(parents=True)
         reports = report(0.2, 0.3)
-        reports["before"]["rewards"], reports["after"]["rewards"] = {"nsc_reward": before}, {"nsc_reward": after}
+        reports["before"]["rewards"], reports["after"]["rewards"] = (
+            {"nsc_reward": before},
+            {"nsc_reward": after},
+        )
         (run / "toy_accuracy.json").write_text(json.dumps(reports))
     lines = main([str(nsc)]).splitlines()
     assert lines[0] == "| model | runs | counting | position | overall |"
