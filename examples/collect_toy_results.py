@@ -29,10 +29,10 @@ def load_runs(root: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def mean_std(values: list[float], digits: int = 3) -> str:
+def mean_std(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(runs: dict[str, list[dict]]) -> str:
