@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from _common import base_parser, markdown_table, write_results
 
-from trl_intrinsic.rewards.self_certainty import DEFAULT_CHUNK_SIZE, self_certainty, sequence_mean
+from trl_intrinsic.autoregressive.self_certainty import DEFAULT_CHUNK_SIZE, self_certainty, sequence_mean
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow square", "three circles"]
 TEXT_VOCAB, IMAGE_VOCAB = 102_400, 16_384

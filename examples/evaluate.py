@@ -27,7 +27,7 @@ from trl_intrinsic.toyworld.report import write_accuracy_report
 
 def _flow(path: Path, adapter: Path | None, args) -> dict[str, Callable[[], dict]]:
     from trl_intrinsic.toyworld import load_toy_pipeline
-    from trl_intrinsic.toyworld.pretrain import evaluate_flow_pipeline
+    from trl_intrinsic.toyworld.evaluation import evaluate_flow_pipeline
 
     if adapter is not None and not (adapter / "pytorch_lora_weights.safetensors").is_file():
         raise ValueError(
@@ -52,7 +52,7 @@ def _flow(path: Path, adapter: Path | None, args) -> dict[str, Callable[[], dict
 
 def _janus(path: Path, adapter: Path | None, args) -> dict[str, Callable[[], dict]]:
     from trl_intrinsic.toyworld import load_toy_janus
-    from trl_intrinsic.toyworld.pretrain_janus import evaluate_janus
+    from trl_intrinsic.toyworld.evaluation import evaluate_janus
 
     if adapter is not None and not (adapter / "adapter_model.safetensors").is_file():
         raise ValueError(

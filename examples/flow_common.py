@@ -6,16 +6,17 @@ import torch
 from common import GRID_SIZE, ScriptArguments, ToyReport, train_with_report
 from trl import ModelConfig, get_peft_config
 
-from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
+from trl_intrinsic import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOConfig, FlowGRPOTrainer
 
 
 def run(
     script_args: ScriptArguments,
-    training_args: FlowGRPOConfig,
+    training_args: FlowGRPOConfig | DiffusionNFTConfig,
     model_args: ModelConfig,
     reward_funcs: list,
-) -> FlowGRPOTrainer:
-    """Train; on the toy world also measure accuracy before and after and write the report files."""
+) -> FlowGRPOTrainer | DiffusionNFTTrainer:
+    """Train (Flow-GRPO, or DiffusionNFT for a ``DiffusionNFTConfig``); on the toy world also measure accuracy
+    before and after and write the report files."""
     toy = model_args.model_name_or_path is None
     if toy:
         from trl_intrinsic.toyworld import load_toy_pipeline
@@ -24,7 +25,8 @@ def run(
     else:
         model = model_args.model_name_or_path
     dataset = script_args.train_dataset(training_args.seed)
-    trainer = FlowGRPOTrainer(
+    trainer_class = DiffusionNFTTrainer if isinstance(training_args, DiffusionNFTConfig) else FlowGRPOTrainer
+    trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -46,7 +48,7 @@ class FlowToyReport(ToyReport):
         self.grid_prompts = [m["prompt"] for m in sample_metadata(GRID_SIZE, seed=1234, split=split)]
 
     def sample(self, grid: bool) -> tuple[dict, list[str], list]:
-        from trl_intrinsic.toyworld.pretrain import evaluate_flow_pipeline
+        from trl_intrinsic.toyworld.evaluation import evaluate_flow_pipeline
 
         args, pipe = self.trainer.args, self.trainer.pipeline
         sampling = {

@@ -35,7 +35,7 @@ class JanusToyReport(ToyReport):
     """The toy report of a Janus model, sampled as the trainer's rollouts are (CoT, guidance, temperatures)."""
 
     def sample(self, grid: bool) -> tuple[dict, list[str], list]:
-        from trl_intrinsic.toyworld.pretrain_janus import evaluate_janus
+        from trl_intrinsic.toyworld.evaluation import evaluate_janus
 
         args = self.trainer.args
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)

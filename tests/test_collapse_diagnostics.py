@@ -10,7 +10,7 @@ from peft import LoraConfig
 from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
 from trl_intrinsic.flow import diagnostics
 from trl_intrinsic.testing import tiny_sd3_pipeline
-from trl_intrinsic.trainers import flow_grpo_trainer
+from trl_intrinsic.trainers import common
 
 
 def test_latent_statistics_match_a_hand_computation():
@@ -100,7 +100,7 @@ def test_trainer_logs_collapse_statistics_and_warns_once(tmp_path, monkeypatch):
     assert metrics["collapse/group_diversity"][0] > 0  # different noise per sample
 
     warnings = []
-    monkeypatch.setattr(flow_grpo_trainer.logger, "warning", lambda message: warnings.append(message))
+    monkeypatch.setattr(common.logger, "warning", lambda message: warnings.append(message))
     textured = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(1))
     groups = torch.tensor([0, 0, 1, 1])
     trainer._log_collapse_statistics("train", textured, None, groups)
@@ -116,7 +116,7 @@ def test_trainer_logs_collapse_statistics_and_warns_once(tmp_path, monkeypatch):
 def test_collapse_warning_can_be_disabled_and_is_validated(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, collapse_warning_ratio=0.0)
     warnings = []
-    monkeypatch.setattr(flow_grpo_trainer.logger, "warning", lambda message: warnings.append(message))
+    monkeypatch.setattr(common.logger, "warning", lambda message: warnings.append(message))
     trainer._collapse_reference = 1.0
     trainer._log_collapse_statistics("train", torch.zeros(4, 16, 4, 4), None, torch.tensor([0, 0, 1, 1]))
     assert warnings == [] and trainer._metrics["train"]["collapse/texture_ratio"] == [0.0]

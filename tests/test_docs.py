@@ -157,7 +157,7 @@ def test_site_builds_strict(tmp_path):
     for anchor in (
         "solace.SolaceReward",
         "solace.solace_reward",
-        "self_certainty.nsc_reward",
+        "nsc.nsc_reward",
         "external.CLIPScore",
     ):
         assert f'id="trl_intrinsic.rewards.{anchor}"' in rewards, anchor

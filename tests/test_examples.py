@@ -10,7 +10,7 @@ import pytest
 import yaml
 from trl import ModelConfig, TrlParser
 
-from trl_intrinsic import FlowGRPOConfig
+from trl_intrinsic import DiffusionNFTConfig, FlowGRPOConfig
 from trl_intrinsic.testing import tiny_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,8 @@ from train_solace import SolaceArguments, SolaceScriptArguments  # noqa: E402
         ("toy_flow_grpo.yaml", (ScriptArguments, FlowGRPOConfig, ModelConfig)),
         ("toy_solace.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
         ("solace_sd35m.yaml", (SolaceScriptArguments, SolaceArguments, FlowGRPOConfig, ModelConfig)),
+        ("toy_diffusion_nft.yaml", (ScriptArguments, SolaceArguments, DiffusionNFTConfig, ModelConfig)),
+        ("diffusion_nft_sd35m.yaml", (ScriptArguments, SolaceArguments, DiffusionNFTConfig, ModelConfig)),
     ],
 )
 def test_configs_parse_into_the_script_dataclasses(config, dataclasses):
@@ -34,9 +36,14 @@ def test_configs_parse_into_the_script_dataclasses(config, dataclasses):
         ["--config", str(EXAMPLES / "configs" / config), "--use_cpu", "true", "--bf16", "false"]
     )
     values = yaml.safe_load((EXAMPLES / "configs" / config).read_text())
-    training_args = next(p for p in parsed if isinstance(p, FlowGRPOConfig))
+    training_args = next(p for p in parsed if isinstance(p, FlowGRPOConfig | DiffusionNFTConfig))
     assert training_args.num_generations == values["num_generations"]
     assert training_args.resolution == values["resolution"]
+    if "nft" in config:
+        assert training_args.nft_beta == values["nft_beta"]
+        assert training_args.timesteps_per_image == int(
+            values["timestep_fraction"] * values["num_inference_steps"]
+        )
     if "solace" in config:
         solace_args = next(p for p in parsed if isinstance(p, SolaceArguments))
         reward = solace_args.reward()
@@ -45,7 +52,7 @@ def test_configs_parse_into_the_script_dataclasses(config, dataclasses):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train_flow_grpo.py", "train_solace.py"])
+@pytest.mark.parametrize("script", ["train_flow_grpo.py", "train_solace.py", "train_diffusion_nft.py"])
 def test_example_trains_a_local_pipeline(tmp_path, script):
     model = tmp_path / "model"
     tiny_sd3_pipeline().save_pretrained(model)
@@ -59,14 +66,10 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
         "--num_inference_steps", "3", "--num_generations", "2", "--per_device_train_batch_size", "4",
         "--max_steps", "2", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
         "--save_strategy", "no", "--reward_funcs", "solace_reward",
-        *(["--solace_num_probes", "2"] if "solace" in script else []),
+        *(["--solace_num_probes", "2"] if script != "train_flow_grpo.py" else []),
     ]  # fmt: skip
-    subprocess.run(
-        command,
-        check=True,
-        capture_output=True,
-        cwd=tmp_path,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "README.md").is_file()
 

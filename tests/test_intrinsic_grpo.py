@@ -7,7 +7,7 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
-from trl_intrinsic.rewards.self_certainty import nsc_reward
+from trl_intrinsic.rewards import nsc_reward
 from trl_intrinsic.testing import tiny_causal_lm
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a circle"]

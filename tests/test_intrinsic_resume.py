@@ -17,7 +17,7 @@ from trl import GRPOTrainer
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
 from trl_intrinsic.testing import tiny_causal_lm, tiny_janus
-from trl_intrinsic.trainers.flow_grpo_trainer import last_complete_checkpoint
+from trl_intrinsic.trainers.common import last_complete_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from intrinsic_train_killed_in_save import make_trainer as make_killed_run_trainer

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -8,8 +9,12 @@ from trl import ModelConfig, TrlParser
 
 from trl_intrinsic import IntrinsicGRPOConfig, IntrinsicGRPOTrainer
 from trl_intrinsic.autoregressive import janus_completion_logps, position_ids_from_mask
-from trl_intrinsic.rewards.self_certainty import nsc_reward, self_certainty
-from trl_intrinsic.testing import restore_janus_generation_config, tiny_janus
+from trl_intrinsic.autoregressive.janus import janus_rollout, restore_janus_generation_config
+from trl_intrinsic.autoregressive.self_certainty import self_certainty
+from trl_intrinsic.rewards import nsc_reward
+from trl_intrinsic.seeding import derived_generator
+from trl_intrinsic.testing import tiny_janus
+from trl_intrinsic.toyworld.evaluation import evaluate_janus
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "iris_janus_pro_1b.yaml"
 
@@ -354,3 +359,40 @@ def test_evaluation_samples_the_same_rollouts_whatever_the_training_step(tmp_pat
     half = len(calls) // 2
     assert half >= 2 and calls[:half] == calls[half:]
     assert calls[0] != calls[1], "two batches of one evaluation draw different rollouts"
+
+
+def test_trainer_and_toy_evaluation_sample_the_same_rollout(tmp_path):
+    """The trainer's rollout is `janus_rollout`, the one `evaluate_janus` samples with: from the same random
+    stream both draw the same CoT and image tokens. The trainer derives its stream from (seed, "janus", mode,
+    micro-step, process)."""
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, recorder, cfg_weight=3.0, image_temperature=0.9)
+    janus, processor = trainer._janus(), trainer.processing_class
+    sampling = dict(cfg_weight=3.0, image_temperature=0.9, temperature=1.0, max_cot_tokens=5)
+    scores = evaluate_janus(
+        janus, processor, n_per_tag=1, seed=11, batch_size=4, return_samples=True, **sampling
+    )
+    samples = scores["samples"]
+    inputs = [{"prompt": m["prompt"], "tag": m["tag"]} for m in samples["metadata"][:4]]
+
+    trainer._rollout_generator = lambda mode: torch.Generator().manual_seed(11)
+    trainer._generate_and_score_completions(inputs)
+    (call,) = recorder.calls
+    assert call["cot"] == samples["cot"][:4]
+    for trained, evaluated in zip(call["completions"], samples["images"][:4], strict=True):
+        assert np.array_equal(np.asarray(trained), np.asarray(evaluated))
+
+    del trainer._rollout_generator  # the trainer's own stream: derived from the seed and the micro-step
+    recorder.calls.clear()
+    trainer._generate_and_score_completions(inputs)
+    rollout = janus_rollout(
+        janus,
+        processor,
+        [x["prompt"] for x in inputs],
+        max_cot_tokens=5,
+        cfg_weight=3.0,
+        image_temperature=0.9,
+        generator=derived_generator(trainer.args.seed, "janus", "train", trainer._step, 0),
+    )
+    assert recorder.calls[0]["completion_ids"] == rollout.image.ids.tolist()
+    assert recorder.calls[0]["cot"] == rollout.cot_text

@@ -4,12 +4,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from trl_intrinsic.rewards.self_certainty import (
-    nsc_reward,
-    self_certainty,
-    self_certainty_reward,
-    sequence_mean,
-)
+from trl_intrinsic.autoregressive.self_certainty import self_certainty, sequence_mean
+from trl_intrinsic.rewards.nsc import nsc_reward, self_certainty_reward
 
 
 def _reference(logits: torch.Tensor) -> torch.Tensor:
@@ -98,3 +94,12 @@ def test_rewards_sign_and_names():
     assert not isinstance(nsc_reward, torch.nn.Module)
     with pytest.raises(ValueError, match="self_certainty"):
         nsc_reward(["a"])
+
+
+def test_rewards_export_the_statistic_whatever_the_import_order():
+    import trl_intrinsic.autoregressive.self_certainty
+    import trl_intrinsic.rewards.nsc
+    from trl_intrinsic import rewards
+
+    assert rewards.self_certainty is self_certainty  # the function, never a module
+    assert trl_intrinsic.autoregressive.self_certainty.self_certainty is self_certainty

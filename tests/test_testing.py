@@ -76,7 +76,9 @@ def test_sd3_pipeline_save_and_reload(tmp_path):
     reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path, text_encoder_3=None, tokenizer_3=None)
     assert _same_weights(_state_dicts(*_sd3_modules(pipe)), _state_dicts(*_sd3_modules(reloaded)))
     assert reloaded.tokenizer(ODD_PROMPT).input_ids == pipe.tokenizer(ODD_PROMPT).input_ids
-    np.testing.assert_array_equal(_sd3_call(pipe), _sd3_call(reloaded))
+    # Equal weights; equal outputs up to float rounding (weights loaded from safetensors are not 64-byte
+    # aligned, so the CPU matmul kernels may sum in another order).
+    np.testing.assert_allclose(_sd3_call(pipe), _sd3_call(reloaded), rtol=0, atol=1e-5)
 
 
 def test_sd3_pipeline_with_t5_save_and_reload(tmp_path):
@@ -88,7 +90,7 @@ def test_sd3_pipeline_with_t5_save_and_reload(tmp_path):
     reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path)
     expected = _sd3_call(pipe)
     assert expected.shape == (1, 32, 32, 3) and np.isfinite(expected).all()
-    np.testing.assert_array_equal(expected, _sd3_call(reloaded))
+    np.testing.assert_allclose(expected, _sd3_call(reloaded), rtol=0, atol=1e-5)  # see above: rounding only
     # The T5 prompt really conditions the output (it is not replaced by zeros).
     assert not np.array_equal(expected, _sd3_call(pipe, prompt_3="three green triangles"))
 

@@ -12,19 +12,18 @@ from safetensors.torch import load_file
 from trl_intrinsic.autoregressive.janus import (
     decode_images,
     janus_prompt_ids,
+    janus_request,
     sample_cot,
     sample_image_tokens,
 )
 from trl_intrinsic.toyworld import TAGS, TEST_TAGS, sample_metadata
+from trl_intrinsic.toyworld.evaluation import describe, evaluate_janus
 from trl_intrinsic.toyworld.models import JANUS_SAMPLING, TOY_JANUS_DIR, load_toy_janus
-from trl_intrinsic.toyworld.pretrain import main
-from trl_intrinsic.toyworld.pretrain_janus import (
+from trl_intrinsic.toyworld.pretrain.__main__ import main
+from trl_intrinsic.toyworld.pretrain.janus import (
     JanusPretrainConfig,
     build_janus,
     build_janus_tokenizer,
-    describe,
-    evaluate_janus,
-    janus_request,
     pretrain_janus,
 )
 

@@ -10,15 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from trl_intrinsic.toyworld import TEST_TAGS, sample_metadata
+from trl_intrinsic.toyworld.evaluation import blank_share, evaluate_flow_pipeline
 from trl_intrinsic.toyworld.models import FLOW_SAMPLING, TOY_FLOW_DIR, load_toy_pipeline
-from trl_intrinsic.toyworld.pretrain import (
-    FlowPretrainConfig,
-    blank_share,
-    build_flow_pipeline,
-    evaluate_flow_pipeline,
-    main,
-    pretrain_flow,
-)
+from trl_intrinsic.toyworld.pretrain.__main__ import main
+from trl_intrinsic.toyworld.pretrain.flow import FlowPretrainConfig, build_flow_pipeline, pretrain_flow
 
 shipped = pytest.mark.skipif(
     not (TOY_FLOW_DIR / "model_index.json").is_file(),

@@ -424,6 +424,52 @@ def test_toyworld_import_is_light():
     assert out.strip() == "[]"
 
 
+def _imported_modules(path) -> set[str]:
+    """The ``trl_intrinsic`` modules a source file imports anywhere, inside functions included."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("trl_intrinsic")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trl_intrinsic"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_runtime_imports_neither_pretraining_nor_testing_nor_trainers():
+    """The toy world's runtime and the autoregressive adapter sit below the trainers; the pretraining scripts
+    and the test models sit above the runtime. `autoregressive` does not reach up into `rewards` either."""
+    from pathlib import Path
+
+    package = Path(toyworld.__file__).parent.parent
+    runtime = [p for p in (package / "toyworld").glob("*.py")] + list(
+        (package / "autoregressive").glob("*.py")
+    )
+    banned = ("trl_intrinsic.toyworld.pretrain", "trl_intrinsic.testing", "trl_intrinsic.trainers")
+    for path in runtime:
+        bad = {m for m in _imported_modules(path) if m.startswith(banned)}
+        if path.parent.name == "autoregressive":
+            bad |= {m for m in _imported_modules(path) if m.startswith("trl_intrinsic.rewards")}
+        assert not bad, (path.name, bad)
+    for path in (package / "toyworld" / "pretrain").glob("*.py"):
+        assert not {m for m in _imported_modules(path) if m.startswith(banned[1:])}, path.name
+
+
+def test_evaluators_load_lazily_from_the_toyworld():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from trl_intrinsic import toyworld; from trl_intrinsic.toyworld import evaluation; "
+        "assert toyworld.evaluate_janus is evaluation.evaluate_janus and 'describe' in dir(toyworld); "
+        "print(sorted(m for m in sys.modules if m.startswith(('trl_intrinsic.toyworld.pretrain', "
+        "'trl_intrinsic.testing', 'trl_intrinsic.trainers'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def _two_squares(dx, dy):
     """A red square at the centre-left and a blue one offset by (dx, dy) pixels, drawn at 64 px."""
     x0, y0 = 20, 24

@@ -6,20 +6,28 @@ pay for importing TRL and diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trl_intrinsic._lazy import lazy_exports
 
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    "DiffusionNFTConfig": "trl_intrinsic.trainers.diffusion_nft_config",
+    "DiffusionNFTTrainer": "trl_intrinsic.trainers.diffusion_nft_trainer",
     "FlowGRPOConfig": "trl_intrinsic.trainers.flow_grpo_config",
     "FlowGRPOTrainer": "trl_intrinsic.trainers.flow_grpo_trainer",
     "IntrinsicGRPOConfig": "trl_intrinsic.trainers.intrinsic_grpo_config",
     "IntrinsicGRPOTrainer": "trl_intrinsic.trainers.intrinsic_grpo_trainer",
+    **{
+        name: f"trl_intrinsic.{name}"
+        for name in ("autoregressive", "data", "flow", "rewards", "testing", "toyworld", "trainers")
+    },
 }
-_SUBMODULES = {"toyworld", "rewards", "flow", "data", "testing", "trainers", "autoregressive"}
 
 __all__ = [
+    "DiffusionNFTConfig",
+    "DiffusionNFTTrainer",
     "FlowGRPOConfig",
     "FlowGRPOTrainer",
     "IntrinsicGRPOConfig",
@@ -35,19 +43,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from trl_intrinsic.trainers.diffusion_nft_config import DiffusionNFTConfig
+    from trl_intrinsic.trainers.diffusion_nft_trainer import DiffusionNFTTrainer
     from trl_intrinsic.trainers.flow_grpo_config import FlowGRPOConfig
     from trl_intrinsic.trainers.flow_grpo_trainer import FlowGRPOTrainer
     from trl_intrinsic.trainers.intrinsic_grpo_config import IntrinsicGRPOConfig
     from trl_intrinsic.trainers.intrinsic_grpo_trainer import IntrinsicGRPOTrainer
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"trl_intrinsic.{name}")
-    raise AttributeError(f"module 'trl_intrinsic' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -11,19 +11,25 @@ Tokenizers are built locally too. Each one has whole-word tokens for a small bui
 prompt tokenizes without unknown tokens.
 
 Factories never touch the caller's random state: weights are drawn inside
-``torch.random.fork_rng``.
+``torch.random.fork_rng``. The pieces shared with the pretraining of the toy models (the CLIP
+tokenizer, the ``AutoencoderKL``, the SD3 pipeline, the Janus model) are built by
+:mod:`trl_intrinsic.toyworld.pretrain.components`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from itertools import pairwise
+from collections.abc import Iterable
 from typing import Any
 
-import torch
+from trl_intrinsic.autoregressive.janus import restore_janus_generation_config
+from trl_intrinsic.toyworld.pretrain.components import WORDS as _WORDS
+from trl_intrinsic.toyworld.pretrain.components import autoencoder_kl as _tiny_autoencoder_kl
+from trl_intrinsic.toyworld.pretrain.components import clip_text_config as _tiny_clip_text_config
+from trl_intrinsic.toyworld.pretrain.components import clip_tokenizer as _clip_tokenizer
+from trl_intrinsic.toyworld.pretrain.components import janus_model, sd3_pipeline
+from trl_intrinsic.toyworld.pretrain.components import merged_config as _merged_config
+from trl_intrinsic.toyworld.pretrain.components import seeded as _seeded
+from trl_intrinsic.toyworld.pretrain.components import word_merges as _word_merges
 
 __all__ = [
     "restore_janus_generation_config",
@@ -34,104 +40,14 @@ __all__ = [
     "tiny_sd3_pipeline",
 ]
 
-# Words that get a single token in every tokenizer built here: enough for toy-world and
-# GenEval-style prompts. Anything else falls back to characters or bytes.
-_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "of", "and", "photo", "image", "picture", "with", "on", "in", "to", "is",
-    "left", "right", "above", "below", "top", "bottom", "next", "side",
-    "one", "two", "three", "four", "five", "six",
-    "red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "brown", "gray",
-    "circle", "circles", "square", "squares", "triangle", "triangles", "shape", "shapes",
-    "cat", "dog", "car", "tree", "house", "person", "background", "small", "large", "big",
-)  # fmt: skip
-
 # Printable ASCII: the character-level fallback of the sentencepiece-style tokenizers.
 _ASCII_CHARS: tuple[str, ...] = tuple(chr(c) for c in range(33, 127))
 _METASPACE = "▁"
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator inside the block and restore the caller's state afterwards."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _merged_config(
-    defaults: dict[str, Any], overrides: dict[str, Any], cls: type, what: str
-) -> dict[str, Any]:
-    """``defaults`` updated with ``overrides``; unknown override names raise a ``TypeError``."""
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        raise TypeError(
-            f"Unknown {what} config override(s) {unknown}; valid names are the arguments of "
-            f"{cls.__name__}: {sorted(accepted)}."
-        )
-    return {**defaults, **overrides}
-
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizers: one small builder per family, sharing the merge-table construction.
 # ----------------------------------------------------------------------------------------------
-
-
-def _word_merges(
-    words: Iterable[str], split: Callable[[str], list[str]]
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Learn BPE merges on ``words`` until each word is a single token.
-
-    ``split(word)`` gives the word's initial symbols (which must already be in the vocabulary).
-    This is BPE training on a corpus holding each word once: repeatedly merge the most frequent
-    adjacent pair everywhere, ties broken by the pair itself so the result does not depend on the
-    process (``tokenizers``' own trainer breaks ties by hash order). Because encoding replays the
-    merges in rank order, every word of the list encodes as one token.
-
-    Returns:
-        The merge results (new vocabulary entries, in merge order) and the merges.
-    """
-    corpus = [split(word) for word in dict.fromkeys(words)]
-    tokens: list[str] = []
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts = Counter(pair for symbols in corpus for pair in pairwise(symbols))
-        if not counts:
-            return tokens, merges
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        tokens.append(best[0] + best[1])
-        corpus = [_apply_merge(symbols, best) for symbols in corpus]
-
-
-def _apply_merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
-
-
-def _clip_tokenizer(model_max_length: int = 77):
-    """A ``CLIPTokenizer``: byte-level alphabet (with and without ``</w>``) plus whole-word tokens."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    words, merges = _word_merges(_WORDS, lambda w: [*w[:-1], w[-1] + "</w>"])
-    pieces = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet), *words]
-    return CLIPTokenizer(
-        vocab={piece: i for i, piece in enumerate(dict.fromkeys(pieces))},
-        merges=merges,
-        model_max_length=model_max_length,
-    )
 
 
 def _t5_tokenizer():
@@ -231,48 +147,9 @@ def _tiny_llama_config(tokenizer, hidden_size: int, **overrides: Any):
     return LlamaConfig(**_merged_config(defaults, overrides, LlamaConfig, "LlamaConfig"))
 
 
-def _tiny_clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        projection_dim=projection_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Diffusers pipelines
 # ----------------------------------------------------------------------------------------------
-
-
-def _tiny_autoencoder_kl(latent_channels: int):
-    """An ``AutoencoderKL`` with one ×2 downsampling (vae_scale_factor 2) and identity latent scaling."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        # Random latents are roughly unit-scale already; keep the SD3/Flux decode formula
-        # ``z / scaling_factor + shift_factor`` an identity rather than leave shift_factor=None.
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        mid_block_add_attention=False,
-    )
 
 
 def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = False, **overrides: Any):
@@ -303,48 +180,12 @@ def tiny_sd3_pipeline(seed: int = 0, *, with_t5: bool = False, **overrides: Any)
         A ``StableDiffusion3Pipeline`` in fp32 on CPU. ``pipe("a red circle", num_inference_steps=2,
         height=32, width=32)`` returns 32×32 PIL images.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
 
-    config = _merged_config(
-        dict(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=64,
-            caption_projection_dim=32,
-            pooled_projection_dim=64,
-            pos_embed_max_size=32,
-            qk_norm="rms_norm",
-        ),
-        overrides,
-        SD3Transformer2DModel,
-        "SD3Transformer2DModel",
-    )
-    with _seeded(seed):
-        tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer()
-        text_encoder = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer_2))
-        transformer = SD3Transformer2DModel(**config)
-        vae = _tiny_autoencoder_kl(latent_channels=config["in_channels"])
-        tokenizer_3 = _t5_tokenizer() if with_t5 else None
-        text_encoder_3 = _tiny_t5_encoder(tokenizer_3, config["joint_attention_dim"]) if with_t5 else None
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
+    def t5(d_model: int):
+        tokenizer = _t5_tokenizer()
+        return tokenizer, _tiny_t5_encoder(tokenizer, d_model)
+
+    return sd3_pipeline(seed, third_text_encoder=t5 if with_t5 else None, **overrides)
 
 
 def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, **overrides: Any):
@@ -547,29 +388,6 @@ def _set_special_token_ids(generation_config, tokenizer) -> None:
     generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def restore_janus_generation_config(model, processor):
-    """Set the token ids Janus image generation reads from ``model.generation_config``.
-
-    ``JanusForConditionalGeneration.generate(generation_mode="image")`` needs
-    ``generation_config.generation_kwargs["boi_token_id"]`` (and BOS/PAD for the unconditional
-    CFG branch), and ``save_pretrained`` does not write ``generation_kwargs``: call this after
-    every ``from_pretrained`` of a Janus model. Works for any tokenizer with ``boi_token``
-    (the real Janus-Pro tokenizers have it). Returns ``model``.
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    boi_token = getattr(tokenizer, "boi_token", None)
-    if boi_token is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no `boi_token`; pass the JanusProcessor (or its tokenizer) "
-            "that belongs to this model."
-        )
-    config = model.generation_config
-    _set_special_token_ids(config, tokenizer)
-    generation_kwargs = getattr(config, "generation_kwargs", None) or {}
-    config.generation_kwargs = {**generation_kwargs, "boi_token_id": tokenizer.boi_token_id}
-    return model
-
-
 def tiny_janus(seed: int = 0):
     """A tiny random ``JanusForConditionalGeneration`` (about 0.56 M parameters) and its ``JanusProcessor``.
 
@@ -595,43 +413,22 @@ def tiny_janus(seed: int = 0):
     Returns:
         ``(model, processor)`` in fp32.
     """
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
-    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
-
     tokenizer = _llama_tokenizer(
         image_token="<image_placeholder>", boi_token="<begin_of_image>", eoi_token="<end_of_image>"
     )
-    text_hidden, image_size, patch_size = 64, 64, 16
-    num_image_tokens = (image_size // patch_size) ** 2
-    config = JanusConfig(
-        text_config=_tiny_llama_config(tokenizer, hidden_size=text_hidden).to_dict(),
-        vision_config=dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            mlp_ratio=2.0,
-            projection_dim=text_hidden,
-            num_image_tokens=num_image_tokens,
-        ),
-        vq_config=dict(
+    return janus_model(
+        tokenizer,
+        _tiny_llama_config(tokenizer, hidden_size=64),
+        image_size=64,
+        patch_size=16,
+        vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=2.0),
+        vq=dict(
             embed_dim=8,
             num_embeddings=64,
             latent_channels=32,
             base_channels=32,  # GroupNorm uses 32 groups
             channel_multiplier=[1, 1, 1, 1],  # 3 downsamplings: 32 px <-> 4×4 tokens
             num_res_blocks=1,
-            projection_dim=text_hidden,
-            image_token_embed_dim=text_hidden,
         ),
-        image_token_id=tokenizer.image_token_id,
+        seed=seed,
     )
-    image_processor = JanusImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = JanusProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens
-    )
-    with _seeded(seed):
-        model = JanusForConditionalGeneration(config)
-    restore_janus_generation_config(model, processor)
-    return model, processor

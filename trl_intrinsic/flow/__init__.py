@@ -1,6 +1,23 @@
-"""Flow-matching sampling as a stochastic policy: SDE steps, pipeline adapters and rollouts."""
+"""Flow-matching sampling as a stochastic policy: SDE steps, pipeline adapters, rollouts, weights, and the
+maths of DiffusionNFT (:mod:`trl_intrinsic.flow.nft`).
 
+``from trl_intrinsic.flow import sde_step_with_logprob`` stays light: the adapters (which import diffusers)
+load on first use.
+"""
+
+from trl_intrinsic._lazy import lazy_exports
 from trl_intrinsic.flow.sde import SDEStepOutput, sde_step_with_logprob
+
+_LAZY = {
+    "FlowPipelineAdapter": "trl_intrinsic.flow.pipelines",
+    "PromptEmbeddings": "trl_intrinsic.flow.pipelines",
+    "get_flow_adapter": "trl_intrinsic.flow.pipelines",
+    "register_flow_adapter": "trl_intrinsic.flow.pipelines",
+    "Rollout": "trl_intrinsic.flow.rollout",
+    "sample_trajectories": "trl_intrinsic.flow.rollout",
+    "sde_window": "trl_intrinsic.flow.rollout",
+    "train_step_indices": "trl_intrinsic.flow.rollout",
+}
 
 __all__ = [
     "FlowPipelineAdapter",
@@ -15,22 +32,4 @@ __all__ = [
     "train_step_indices",
 ]
 
-_LAZY = {
-    "FlowPipelineAdapter": "trl_intrinsic.flow.pipelines",
-    "PromptEmbeddings": "trl_intrinsic.flow.pipelines",
-    "get_flow_adapter": "trl_intrinsic.flow.pipelines",
-    "register_flow_adapter": "trl_intrinsic.flow.pipelines",
-    "Rollout": "trl_intrinsic.flow.rollout",
-    "sample_trajectories": "trl_intrinsic.flow.rollout",
-    "sde_window": "trl_intrinsic.flow.rollout",
-    "train_step_indices": "trl_intrinsic.flow.rollout",
-}
-
-
-def __getattr__(name: str):
-    # Adapters import diffusers; keep `from trl_intrinsic.flow import sde_step_with_logprob` light.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trl_intrinsic.flow' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

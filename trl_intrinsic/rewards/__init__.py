@@ -5,24 +5,25 @@ transformers nor any scorer's model code.
 
 Flow rewards are called ``f(prompts, images, **kwargs) -> list[float | None]`` (see
 ``FlowGRPOTrainer``); Janus/TRL rewards ``f(prompts=, completions=, **kwargs)``. The external image
-scorers accept both.
+scorers accept both. ``self_certainty`` is the statistic the self-certainty rewards are built on
+(:mod:`trl_intrinsic.autoregressive.self_certainty`), exported here for convenience.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
 from typing import TYPE_CHECKING, Any
+
+from trl_intrinsic._lazy import lazy_exports
 
 _LAZY = {
     # SOLACE
     "SolaceReward": "trl_intrinsic.rewards.solace",
     "solace_reward": "trl_intrinsic.rewards.solace",
-    # self-certainty (IRIS, Intuitor)
-    "self_certainty": "trl_intrinsic.rewards.self_certainty",
-    "nsc_reward": "trl_intrinsic.rewards.self_certainty",
-    "self_certainty_reward": "trl_intrinsic.rewards.self_certainty",
+    # self-certainty (IRIS, Intuitor): the statistic and the rewards built on it
+    "self_certainty": "trl_intrinsic.autoregressive.self_certainty",
+    "nsc_reward": "trl_intrinsic.rewards.nsc",
+    "self_certainty_reward": "trl_intrinsic.rewards.nsc",
     # external image scorers
     "CLIPScore": "trl_intrinsic.rewards.external",
     "clip_score": "trl_intrinsic.rewards.external",
@@ -34,8 +35,8 @@ _LAZY = {
     "OCRScore": "trl_intrinsic.rewards.external",
     "ocr_score": "trl_intrinsic.rewards.external",
     # the toy world's rule-based verifier
-    "verifier_reward": "trl_intrinsic.toyworld",
-    "verifier_reward_partial": "trl_intrinsic.toyworld",
+    "verifier_reward": "trl_intrinsic.toyworld.reward",
+    "verifier_reward_partial": "trl_intrinsic.toyworld.reward",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from trl_intrinsic.autoregressive.self_certainty import self_certainty
     from trl_intrinsic.rewards.external import (
         AestheticScore,
         CLIPScore,
@@ -70,17 +72,11 @@ if TYPE_CHECKING:  # pragma: no cover
         ocr_score,
         pick_score,
     )
-    from trl_intrinsic.rewards.self_certainty import nsc_reward, self_certainty, self_certainty_reward
+    from trl_intrinsic.rewards.nsc import nsc_reward, self_certainty_reward
     from trl_intrinsic.rewards.solace import SolaceReward, solace_reward
-    from trl_intrinsic.toyworld import verifier_reward, verifier_reward_partial
+    from trl_intrinsic.toyworld.reward import verifier_reward, verifier_reward_partial
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'trl_intrinsic.rewards' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 def reward_by_name(name: str) -> Any:
@@ -94,25 +90,3 @@ def reward_by_name(name: str) -> Any:
     if name not in available:
         raise ValueError(f"Unknown reward name {name!r} in `reward_funcs`; available: {available}.")
     return getattr(sys.modules[__name__], name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _RewardsModule(types.ModuleType):
-    """``self_certainty`` names both a submodule and the public function it defines.
-
-    Importing a submodule binds it as an attribute of its package, which would shadow the function
-    (``from trl_intrinsic.rewards import self_certainty`` would then return the module, depending on
-    import order). Keep the function bound instead; the submodule stays importable by its full name
-    (``from trl_intrinsic.rewards.self_certainty import ...``).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "self_certainty" and isinstance(value, types.ModuleType):
-            value = getattr(value, "self_certainty", value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _RewardsModule

@@ -32,12 +32,13 @@ choice is an option:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from trl_intrinsic.seeding import derived_seed
 
 __all__ = ["SolaceReward", "solace_reward"]
 
@@ -49,8 +50,7 @@ _NORMALIZATIONS = (None, "per_timestep")
 
 def _probe_seed(seed: int, step: int, group_id: int) -> int:
     """A 63-bit generator seed that depends only on ``(seed, step, group_id)``, identical on every process."""
-    digest = hashlib.blake2b(f"solace/{seed}/{step}/{group_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return derived_seed(seed, "solace", step, group_id)
 
 
 def _global_step(trainer_state: Any) -> int:

@@ -1,8 +1,14 @@
 """The toy world: a synthetic shapes domain that stands in for GenEval on a CPU.
 
-Light on purpose: importing it needs numpy, PIL and scipy only.
+Light on purpose: importing it needs numpy, PIL and scipy only. The evaluators
+(:mod:`~trl_intrinsic.toyworld.evaluation`: ``evaluate_flow_pipeline``, ``evaluate_janus``, ``blank_share``,
+``describe``) need torch and are imported on first use. The pretraining of the shipped toy models lives in
+:mod:`trl_intrinsic.toyworld.pretrain`, which the runtime never imports.
 """
 
+from typing import TYPE_CHECKING
+
+from trl_intrinsic._lazy import lazy_exports
 from trl_intrinsic.toyworld.models import (
     FLOW_SAMPLING,
     JANUS_SAMPLING,
@@ -46,8 +52,12 @@ __all__ = [
     "TOY_JANUS_DIR",
     "DetectedObject",
     "VerifyResult",
+    "blank_share",
+    "describe",
     "detect_objects",
     "evaluate",
+    "evaluate_flow_pipeline",
+    "evaluate_janus",
     "held_out_compositions",
     "load_toy_janus",
     "load_toy_pipeline",
@@ -60,3 +70,18 @@ __all__ = [
     "verifier_reward_partial",
     "verify",
 ]
+
+_LAZY = dict.fromkeys(
+    ("blank_share", "describe", "evaluate_flow_pipeline", "evaluate_janus"),
+    "trl_intrinsic.toyworld.evaluation",
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trl_intrinsic.toyworld.evaluation import (
+        blank_share,
+        describe,
+        evaluate_flow_pipeline,
+        evaluate_janus,
+    )
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -92,15 +92,15 @@ def load_toy_janus(path: str | Path | None = None, **kwargs: Any):
 
     Returns:
         ``(model, processor)``, the model in eval mode with its generation config restored
-        (:func:`trl_intrinsic.testing.restore_janus_generation_config`: ``save_pretrained`` drops the
-        ``boi_token_id``). Prompts are formatted with
-        :func:`trl_intrinsic.autoregressive.janus.janus_prompt_ids` and sampled with
-        :data:`JANUS_SAMPLING`; :func:`trl_intrinsic.autoregressive.janus.decode_images` gives 32×32 images.
+        (:func:`trl_intrinsic.autoregressive.janus.restore_janus_generation_config`: ``save_pretrained`` drops the
+        ``boi_token_id``). Sample it as the trainer does with
+        :func:`trl_intrinsic.autoregressive.janus.janus_rollout` and :data:`JANUS_SAMPLING` (32×32 images),
+        or score it with :func:`trl_intrinsic.toyworld.evaluation.evaluate_janus`.
     """
     import torch
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
-    from trl_intrinsic.testing import restore_janus_generation_config
+    from trl_intrinsic.autoregressive.janus import restore_janus_generation_config
 
     path = TOY_JANUS_DIR if path is None else Path(path)
     if not (path / "config.json").is_file() or not (path / "processor_config.json").is_file():

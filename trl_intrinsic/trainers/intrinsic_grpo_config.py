@@ -6,11 +6,9 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-DEFAULT_COT_TEMPLATE = (
-    'You are asked to generate an image from this prompt: "{prompt}". First describe, in one short '
-    "paragraph, what the image should show: each object, its colour, shape, count and position, and the "
-    "background. Keep the description faithful to the prompt."
-)
+from trl_intrinsic.autoregressive.janus import DEFAULT_COT_TEMPLATE
+
+__all__ = ["IntrinsicGRPOConfig"]
 
 
 @dataclass
@@ -33,6 +31,7 @@ class IntrinsicGRPOConfig(GRPOConfig):
             train on both. `False` gives plain image-token GRPO.
         cot_template (`str`, *optional*):
             Janus only. The user message asking for the CoT; `{prompt}` is replaced by the dataset prompt.
+            Defaults to [`~trl_intrinsic.autoregressive.janus.DEFAULT_COT_TEMPLATE`].
         cfg_weight (`float`, *optional*, defaults to `5.0`):
             Janus only. Classifier-free guidance weight of image-token sampling,
             `logits = uncond + cfg_weight · (cond − uncond)`; `1.0` disables guidance. IRIS uses 5.

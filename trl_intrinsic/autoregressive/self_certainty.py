@@ -1,4 +1,4 @@
-"""Self-certainty of a model's token distributions, and the rewards built on it (IRIS, Intuitor).
+"""Self-certainty of a model's token distributions: the statistic behind IRIS and Intuitor rewards.
 
 For next-token logits ``z ∈ R^V`` with ``p = softmax(z)``, the self-certainty is the KL divergence
 from the uniform distribution ``U`` to ``p``::
@@ -6,8 +6,11 @@ from the uniform distribution ``U`` to ``p``::
     SC(z) = KL(U ‖ p) = −log V − (1/V)·Σ_v log p_v = logsumexp(z) − mean(z) − log V      (nats)
 
 It is 0 for a uniform ``p`` and grows as ``p`` concentrates. Per completion it is averaged over
-the completion tokens. IRIS rewards the *negative* self-certainty (``nsc_reward``), Intuitor the
-self-certainty itself (``self_certainty_reward``).
+the completion tokens (:func:`sequence_mean`); :func:`record_generation_self_certainty` catches it from
+the logits a text LM's ``generate`` already produces. The rewards built on it (IRIS's negative
+self-certainty, Intuitor's self-certainty) are in :mod:`trl_intrinsic.rewards.nsc`; the rollouts that
+compute it from the logits they already produce are in :mod:`trl_intrinsic.autoregressive.janus` and
+the trainer's generation hook.
 
 The ``− log V`` term: IRIS's released code leaves it out. That is harmless when every token of a
 completion shares one vocabulary, but a Janus completion mixes chain-of-thought tokens (V = 102,400)
@@ -19,13 +22,20 @@ scores 0 whatever the vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["nsc_reward", "self_certainty", "self_certainty_reward", "sequence_mean"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "SelfCertaintyRecorder",
+    "record_generation_self_certainty",
+    "self_certainty",
+    "sequence_mean",
+]
 
 DEFAULT_CHUNK_SIZE = 64
 """Rows of logits converted to fp32 at a time: peak extra memory is ``chunk_size × V`` floats."""
@@ -98,48 +108,55 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values.float() * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
-def _read_self_certainty(self_certainty: Sequence[float] | torch.Tensor | None, name: str) -> list[float]:
-    if self_certainty is None:
-        raise ValueError(
-            f"`{name}` needs the `self_certainty` kwarg; use it with IntrinsicGRPOTrainer, which passes it "
-            "to every reward function."
-        )
-    if isinstance(self_certainty, torch.Tensor):
-        return [float(s) for s in self_certainty.reshape(-1).tolist()]
-    return [float(s) for s in self_certainty]
+class SelfCertaintyRecorder:
+    """Forward hook computing the self-certainty of the last position of every forward's logits.
+
+    During ``generate`` each forward call of the model predicts one new token per row from the logits of its
+    last position, so the recorded values, stacked, are the per-token self-certainty of the generated tokens.
+    """
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        logits = output["logits"] if isinstance(output, dict) else output.logits
+        self.steps.append(self_certainty(logits[:, -1, :], chunk_size=self.chunk_size))
+
+    def per_token(self) -> torch.Tensor:
+        """(B, steps) fp32 self-certainty of each generated position."""
+        if not self.steps:
+            raise RuntimeError("No forward pass was recorded during generation.")
+        return torch.stack(self.steps, dim=1)
+
+    def per_completion(self, completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The per-token self-certainty of each generated completion (its first ``len(ids)`` positions), on CPU."""
+        per_token = self.per_token()
+        if per_token.shape[0] != len(completion_ids):
+            raise RuntimeError(
+                f"Recorded {per_token.shape[0]} rows of generation logits for {len(completion_ids)} completions."
+            )
+        longest = max((len(ids) for ids in completion_ids), default=0)
+        if per_token.shape[1] < longest:
+            raise RuntimeError(
+                f"Recorded {per_token.shape[1]} generation steps for completions of up to {longest} tokens."
+            )
+        return [per_token[i, : len(ids)].cpu() for i, ids in enumerate(completion_ids)]
 
 
-def nsc_reward(
-    completions: Any = None, *, self_certainty: Sequence[float] | torch.Tensor | None = None, **kwargs: Any
-) -> list[float]:
-    """IRIS reward: the negative self-certainty ``−SC`` of each completion (higher = less certain).
+@contextlib.contextmanager
+def record_generation_self_certainty(
+    model: torch.nn.Module, chunk_size: int
+) -> Iterator[SelfCertaintyRecorder]:
+    """Record the self-certainty of every token ``model.generate`` produces inside the block.
 
     Args:
-        completions: ignored (present for TRL's reward-call convention).
-        self_certainty: per-completion mean self-certainty, as passed by ``IntrinsicGRPOTrainer``.
-
-    Returns:
-        ``[-s for s in self_certainty]``.
+        model: the causal LM whose ``forward`` ``generate`` calls (the base model under a PEFT wrapper).
+        chunk_size: see :func:`self_certainty`.
     """
-    return [-s for s in _read_self_certainty(self_certainty, "nsc_reward")]
-
-
-def self_certainty_reward(
-    completions: Any = None, *, self_certainty: Sequence[float] | torch.Tensor | None = None, **kwargs: Any
-) -> list[float]:
-    """Intuitor-style reward: the self-certainty ``SC`` of each completion (higher = more certain).
-
-    Args:
-        completions: ignored (present for TRL's reward-call convention).
-        self_certainty: per-completion mean self-certainty, as passed by ``IntrinsicGRPOTrainer``.
-
-    Returns:
-        ``list(self_certainty)`` as floats.
-    """
-    return _read_self_certainty(self_certainty, "self_certainty_reward")
-
-
-nsc_reward.__name__ = "nsc_reward"
-nsc_reward.requires_images = False  # type: ignore[attr-defined]
-self_certainty_reward.__name__ = "self_certainty_reward"
-self_certainty_reward.requires_images = False  # type: ignore[attr-defined]
+    recorder = SelfCertaintyRecorder(chunk_size)
+    handle = model.register_forward_hook(recorder, with_kwargs=True)
+    try:
+        yield recorder
+    finally:
+        handle.remove()

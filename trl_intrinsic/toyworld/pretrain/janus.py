@@ -18,7 +18,8 @@ Two stages, both on images rendered on the fly from ``sample_metadata(split="tra
    the sequences an IRIS rollout produces (:mod:`trl_intrinsic.autoregressive.janus`): half the
    samples are ``[CoT request] [description … EOS] BOI [64 image tokens]`` — the request formatted
    by :func:`~trl_intrinsic.autoregressive.janus.janus_prompt_ids` from the default ``cot_template``,
-   the description a deterministic account of the metadata (:func:`describe`) — and half are
+   the description a deterministic account of the metadata
+   (:func:`~trl_intrinsic.toyworld.evaluation.describe`) — and half are
    ``[bare prompt] BOI [64 image tokens]`` (IRIS without CoT). In a share of them everything between
    BOS and BOI is replaced by PAD, as the unconditional rows of classifier-free guidance are built.
    The text head learns the description, the generation head the image tokens (embedded with
@@ -26,8 +27,9 @@ Two stages, both on images rendered on the fly from ``sample_metadata(split="tra
    small, frozen and random.
 
 The prompts of the held-out ``"test"`` split never appear in training; the accuracy reported at the
-end (:func:`evaluate_janus`: the trainer's sampling loops, verifier) is measured on them, with and
-without the chain-of-thought, on the fp16 weights reloaded by :func:`load_toy_janus`.
+end (:func:`~trl_intrinsic.toyworld.evaluation.evaluate_janus`: the trainer's rollout, verifier) is measured
+on them, with and without the chain-of-thought, on the fp16 weights reloaded by
+:func:`~trl_intrinsic.toyworld.load_toy_janus`.
 """
 
 from __future__ import annotations
@@ -37,31 +39,33 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trl_intrinsic.autoregressive.janus import (
-    decode_images,
-    janus_prompt_ids,
-    sample_cot,
-    sample_image_tokens,
-)
+from trl_intrinsic.autoregressive.janus import janus_prompt_ids, janus_request, position_ids_from_mask
+from trl_intrinsic.toyworld.evaluation import describe, evaluate_janus
 from trl_intrinsic.toyworld.models import JANUS_SAMPLING, load_toy_janus
-from trl_intrinsic.toyworld.pretrain import _all_prompts, _format, _render_batch, _to_pil, _TrainStream
-from trl_intrinsic.toyworld.scenes import COUNT_WORDS, TAGS, TEST_TAGS, sample_metadata
+from trl_intrinsic.toyworld.pretrain.common import (
+    PretrainConfig,
+    TrainStream,
+    all_prompts,
+    format_scores,
+    render_batch,
+    timed_log,
+    to_pil,
+)
+from trl_intrinsic.toyworld.pretrain.components import janus_model
+from trl_intrinsic.toyworld.scenes import TEST_TAGS, sample_metadata
 from trl_intrinsic.toyworld.verifier import evaluate
 
 __all__ = [
-    "JANUS_SAMPLING",
     "JanusPretrainConfig",
     "build_janus",
     "build_janus_tokenizer",
-    "describe",
-    "evaluate_janus",
-    "janus_request",
+    "encode_image_tokens",
     "pretrain_janus",
 ]
 
@@ -90,99 +94,49 @@ TEXT_CONFIG: dict[str, Any] = {
 
 
 @dataclass
-class JanusPretrainConfig:
-    """Settings of :func:`pretrain_janus`. Times are wall-clock minutes; a ``max_*_steps`` stops earlier."""
+class JanusPretrainConfig(PretrainConfig):
+    """Settings of :func:`pretrain_janus`: :class:`~trl_intrinsic.toyworld.pretrain.common.PretrainConfig`
+    (35 minutes, learning rate 1e-3, fewer evaluation prompts) plus the VQ stage (``vq_*``), the shares of
+    CoT and unconditional sequences, the guidance sweep and the language model's size."""
 
-    seed: int = 0
     minutes: float = 35.0
+    learning_rate: float = 1e-3
+    eval_per_tag: int = 16
+    final_eval_per_tag: int = 100
     vq_minutes: float = 10.0
     vq_target_accuracy: float = 0.95
     vq_check_every: int = 250
-    max_steps: int | None = None
     vq_max_steps: int | None = None
-    batch_size: int = 32
     vq_batch_size: int = 16
-    learning_rate: float = 1e-3
     vq_learning_rate: float = 2e-3
-    warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     vq_commitment: float = 0.25
     vq_dead_code_every: int = 100
     cot_share: float = 0.5
     uncond_share: float = 0.1
-    # Tags to draw training prompts from; a repeated tag is drawn more often (position and colour
-    # binding learn slowest).
-    train_tags: tuple[str, ...] = (
-        "single_object",
-        "two_object",
-        "counting",
-        "colors",
-        "position",
-        "position",
-        "color_attr",
-        "color_attr",
-    )
-    eval_every_minutes: float = 5.0
-    eval_per_tag: int = 16
-    final_eval_per_tag: int = 100
     cfg_sweep: tuple[float, ...] = (3.0, 5.0, 7.0)
     cfg_sweep_per_tag: int = 24
-    threads: int = 1
     text: dict[str, Any] = field(default_factory=lambda: dict(TEXT_CONFIG))
 
+    _stage1_minutes: ClassVar[tuple[str, ...]] = ("vq_minutes",)
+    _stage1_counts: ClassVar[tuple[str, ...]] = ("vq_batch_size",)
+
     def __post_init__(self) -> None:
-        for name in ("minutes", "vq_minutes", "eval_every_minutes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
-        for name in ("batch_size", "vq_batch_size", "eval_per_tag", "final_eval_per_tag", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        super().__post_init__()
         for name in ("cot_share", "uncond_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Text: requests, descriptions, tokenizer
+# Text: the word-level tokenizer
 # ----------------------------------------------------------------------------------------------
-
-
-def _cot_template() -> str:
-    from trl_intrinsic.trainers.intrinsic_grpo_config import DEFAULT_COT_TEMPLATE
-
-    return DEFAULT_COT_TEMPLATE
-
-
-def janus_request(prompt: str, use_cot: bool, cot_template: str | None = None) -> str:
-    """The user message of an IRIS rollout: the CoT request (``cot_template``, default the trainer's) or the prompt."""
-    return (cot_template or _cot_template()).format(prompt=prompt) if use_cot else prompt
-
-
-def _noun(clause: dict) -> str:
-    shape = clause["class"] + ("s" if clause["count"] > 1 else "")
-    return shape if clause.get("color") is None else f"{clause['color']} {shape}"
-
-
-def describe(metadata: dict) -> str:
-    """The chain-of-thought the toy Janus learns for ``metadata``: objects, colours, counts, positions.
-
-    Deterministic, e.g. ``"one red circle and one green square ; the circle is right of the square ;
-    white background ."``; an IRIS rollout's CoT is this text followed by EOS.
-    """
-    include = metadata["include"]
-    parts = [" and ".join(f"{COUNT_WORDS[c['count']]} {_noun(c)}" for c in include)]
-    for clause in include:
-        if clause.get("position"):
-            relation, index = clause["position"]
-            parts.append(f"the {clause['class']} is {relation} the {include[index]['class']}")
-    parts.append("white background .")
-    return " ; ".join(parts)
 
 
 def _training_texts() -> list[str]:
     """Every text the tokenizer must cover: both requests of every prompt (chat format) and every description."""
     texts = []
-    for meta in _all_prompts():
+    for meta in all_prompts():
         for use_cot in (True, False):
             texts.append(f"<|User|>: {janus_request(meta['prompt'], use_cot)}\n\n<|Assistant|>:")
         texts.append(describe(meta))
@@ -227,59 +181,39 @@ def build_janus(seed: int = 0, **text_overrides: Any):
     * language model: Llama, hidden 128, 4 layers (``text_overrides`` replace any ``LlamaConfig`` value),
       vocabulary of :func:`build_janus_tokenizer`;
     * vision tower (understanding, unused here): 1 SigLIP layer of width 32 on 32×32 px, patch 4.
-    """
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor, LlamaConfig
-    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    from trl_intrinsic.testing import restore_janus_generation_config
+    Built by :func:`~trl_intrinsic.toyworld.pretrain.components.janus_model`, as the test model
+    :func:`trl_intrinsic.testing.tiny_janus` is.
+    """
+    from transformers import LlamaConfig
 
     tokenizer = build_janus_tokenizer()
-    text = {**TEXT_CONFIG, **text_overrides}
-    hidden = text["hidden_size"]
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **text,
+        **{**TEXT_CONFIG, **text_overrides},
     )
-    image_size, patch_size = 32, 4
-    num_image_tokens = (image_size // patch_size) ** 2
-    config = JanusConfig(
-        text_config=text_config.to_dict(),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-            mlp_ratio=2.0,
-            projection_dim=hidden,
-            num_image_tokens=num_image_tokens,
+    return janus_model(
+        tokenizer,
+        text_config,
+        image_size=32,
+        patch_size=4,
+        vision=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0
         ),
-        vq_config=dict(
+        vq=dict(
             embed_dim=8,
             num_embeddings=512,
             latent_channels=32,
             base_channels=32,
             channel_multiplier=[1, 2, 2],
             num_res_blocks=1,
-            projection_dim=hidden,
-            image_token_embed_dim=hidden,
         ),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        seed=seed,
     )
-    image_processor = JanusImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = JanusProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(config)
-    restore_janus_generation_config(model, processor)
-    return model, processor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +243,8 @@ def encode_image_tokens(vq, images: torch.Tensor) -> torch.Tensor:
 def _vq_reconstruction_accuracy(vq, seed: int, n_per_tag: int = 16) -> float:
     """Verifier accuracy on encode → tokens → ``decode`` round trips of test-split renders."""
     test = sample_metadata(n_per_tag * len(TEST_TAGS), seed=seed, split="test")
-    recon = vq.decode(encode_image_tokens(vq, _render_batch(test, range(len(test)))))
-    return evaluate(_to_pil(recon), test)["overall"]
+    recon = vq.decode(encode_image_tokens(vq, render_batch(test, range(len(test)))))
+    return evaluate(to_pil(recon), test)["overall"]
 
 
 def _train_vq(vq, config: JanusPretrainConfig, log) -> dict[str, Any]:
@@ -319,7 +253,7 @@ def _train_vq(vq, config: JanusPretrainConfig, log) -> dict[str, Any]:
     Stops after ``config.vq_minutes`` (or ``vq_max_steps``), or earlier once the verifier accepts
     ``config.vq_target_accuracy`` of the reconstructions (checked every ``vq_check_every`` steps).
     """
-    stream = _TrainStream(config.seed + 11, config.train_tags)
+    stream = TrainStream(config.seed + 11, config.train_tags)
     params = [p for name, p in vq.named_parameters() if not name.startswith("quantize.")]
     codebook = vq.quantize.embedding.weight
     optimizer = torch.optim.AdamW(
@@ -332,7 +266,7 @@ def _train_vq(vq, config: JanusPretrainConfig, log) -> dict[str, Any]:
     while time.monotonic() - start < config.vq_minutes * 60 and (
         config.vq_max_steps is None or step < config.vq_max_steps
     ):
-        images = _render_batch(*stream.next(config.vq_batch_size))
+        images = render_batch(*stream.next(config.vq_batch_size))
         z = _latents(vq, images)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         codes = F.normalize(codebook, dim=-1)
@@ -373,8 +307,8 @@ def _train_vq(vq, config: JanusPretrainConfig, log) -> dict[str, Any]:
     with torch.no_grad():  # ship the normalised codebook: `decode` normalises it anyway
         codebook.copy_(F.normalize(codebook, dim=-1))
     recon_acc = _vq_reconstruction_accuracy(vq, config.seed + 14, n_per_tag=32)
-    metas, seeds = _TrainStream(config.seed + 12, config.train_tags).next(256)
-    used = encode_image_tokens(vq, _render_batch(metas, seeds)).unique().numel()
+    metas, seeds = TrainStream(config.seed + 12, config.train_tags).next(256)
+    used = encode_image_tokens(vq, render_batch(metas, seeds)).unique().numel()
     log(
         f"vq done: {step} steps ({(time.monotonic() - start) / 60:.1f} min), verifier accuracy on "
         f"reconstructions {recon_acc:.3f}, {used} codes used on 256 renders"
@@ -446,8 +380,6 @@ def _batch(seqs: _Sequences, metas, image_tokens: torch.Tensor, use_cot, uncond)
 
 def _lm_loss(model, ids, is_image, mask, is_text_target) -> tuple[torch.Tensor, torch.Tensor]:
     """(text loss on the CoT tokens, image loss on the image tokens), teacher-forced."""
-    from trl_intrinsic.autoregressive.janus import position_ids_from_mask
-
     text_embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0))
     image_embeds = model.prepare_embeddings_for_image_generation(ids.masked_fill(~is_image, 0))
     embeds = torch.where(is_image[..., None], image_embeds, text_embeds)
@@ -459,108 +391,6 @@ def _lm_loss(model, ids, is_image, mask, is_text_target) -> tuple[torch.Tensor, 
     text_loss = F.cross_entropy(model.lm_head(hidden[text_at]), targets[text_at])
     image_loss = F.cross_entropy(model.model.generation_head(hidden[image_at]), targets[image_at])
     return text_loss, image_loss
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def evaluate_janus(
-    model,
-    processor,
-    *,
-    n_per_tag: int = 100,
-    seed: int = 0,
-    split: str = "test",
-    use_cot: bool = True,
-    batch_size: int = 50,
-    cot_template: str | None = None,
-    return_samples: bool = False,
-    **sampling: Any,
-) -> dict[str, Any]:
-    """Toy accuracy of a Janus model sampled as IRIS rollouts are: one image per prompt, verified.
-
-    Prompts are formatted with :func:`~trl_intrinsic.autoregressive.janus.janus_prompt_ids` (the CoT
-    request from ``cot_template`` with ``use_cot``, else the bare prompt); the CoT is sampled with
-    :func:`~trl_intrinsic.autoregressive.janus.sample_cot` up to EOS, the image tokens with
-    :func:`~trl_intrinsic.autoregressive.janus.sample_image_tokens` and decoded with
-    :func:`~trl_intrinsic.autoregressive.janus.decode_images`.
-
-    Args:
-        model, processor: a ``JanusForConditionalGeneration`` (generation config restored) and its processor.
-        n_per_tag: prompts per tag (drawn with :func:`sample_metadata`, balanced over the tags of ``split``).
-        seed: seeds both the prompts and the sampling.
-        split: ``"test"`` (held-out compositions) or ``"train"``.
-        use_cot: sample a chain-of-thought before the image.
-        return_samples: also return ``"samples"``: the metadata, CoT texts and PIL images.
-        **sampling: overrides of :data:`JANUS_SAMPLING`.
-
-    Returns:
-        :func:`trl_intrinsic.toyworld.evaluate`'s dict (accuracy per tag, ``"overall"``, ``"counts"``).
-    """
-    if n_per_tag < 1:
-        raise ValueError(f"n_per_tag: must be ≥ 1, got {n_per_tag}")
-    settings = {**JANUS_SAMPLING, **sampling}
-    tags = None if split == "test" else list(TAGS)
-    n_tags = len(TEST_TAGS) if tags is None else len(tags)
-    metas = sample_metadata(n_per_tag * n_tags, seed=seed, split=split, tags=tags)
-    tokenizer = processor.tokenizer
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    boi = tokenizer.convert_tokens_to_ids(tokenizer.boi_token)
-    num_image_tokens = int(model.config.vision_config.num_image_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    images, cots = [], []
-    for i in range(0, len(metas), batch_size):
-        chunk = metas[i : i + batch_size]
-        requests = [
-            janus_prompt_ids(processor, janus_request(m["prompt"], use_cot, cot_template), bos) for m in chunk
-        ]
-        if use_cot:
-            ids, mask = _left_pad(requests, pad)
-            cot = sample_cot(
-                model,
-                ids,
-                mask,
-                max_new_tokens=settings["max_cot_tokens"],
-                temperature=settings["temperature"],
-                eos_token_ids=[eos],
-                pad_token_id=pad,
-                generator=generator,
-            )
-            cot_rows = [row[m.bool()].tolist() for row, m in zip(cot.ids, cot.mask)]
-        else:
-            cot_rows = [[] for _ in chunk]
-        cots += tokenizer.batch_decode(cot_rows, skip_special_tokens=True)
-        prefix, prefix_mask = _left_pad([r + c + [boi] for r, c in zip(requests, cot_rows)], pad)
-        sample = sample_image_tokens(
-            model,
-            prefix,
-            prefix_mask,
-            num_image_tokens=num_image_tokens,
-            cfg_weight=settings["cfg_weight"],
-            temperature=settings["image_temperature"],
-            bos_token_id=bos,
-            boi_token_id=boi,
-            pad_token_id=pad,
-            generator=generator,
-        )
-        images += decode_images(model, sample.ids)
-    model.train(was_training)
-    scores = evaluate(images, metas)
-    if use_cot:
-        scores["cot_exact"] = float(np.mean([c.strip() == describe(m) for c, m in zip(cots, metas)]))
-    if return_samples:
-        scores["samples"] = {"metadata": metas, "cot": cots, "images": images}
-    return scores
 
 
 def _train_lm(model, processor, config: JanusPretrainConfig, log, deadline: float) -> dict[str, Any]:
@@ -582,7 +412,7 @@ def _train_lm(model, processor, config: JanusPretrainConfig, log, deadline: floa
         )
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    stream = _TrainStream(config.seed + 21, config.train_tags)
+    stream = TrainStream(config.seed + 21, config.train_tags)
     rng = np.random.default_rng(config.seed + 22)
     model.train()
     vq.eval()
@@ -592,7 +422,7 @@ def _train_lm(model, processor, config: JanusPretrainConfig, log, deadline: floa
     step, running_text, running_image = 0, None, None
     while time.monotonic() < deadline and (config.max_steps is None or step < config.max_steps):
         metas, seeds = stream.next(config.batch_size)
-        tokens = encode_image_tokens(vq, _render_batch(metas, seeds))
+        tokens = encode_image_tokens(vq, render_batch(metas, seeds))
         use_cot = rng.random(len(metas)) < config.cot_share
         uncond = rng.random(len(metas)) < config.uncond_share
         text_loss, image_loss = _lm_loss(model, *_batch(seqs, metas, tokens, use_cot, uncond))
@@ -622,7 +452,7 @@ def _train_lm(model, processor, config: JanusPretrainConfig, log, deadline: floa
                 )
                 entry["cot" if use else "no_cot"] = scores
                 log(
-                    f"step {step} ({elapsed / 60:.1f} min), {'with' if use else 'without'} CoT: {_format(scores)}"
+                    f"step {step} ({elapsed / 60:.1f} min), {'with' if use else 'without'} CoT: {format_scores(scores)}"
                 )
             history.append(entry)
             model.train()
@@ -657,19 +487,17 @@ def pretrain_janus(output_dir: str | Path, config: JanusPretrainConfig | None = 
     torch.manual_seed(config.seed)
     wall_start = time.monotonic()
 
-    def log(message: str) -> None:
-        print(f"[{(time.monotonic() - wall_start) / 60:5.1f} min] {message}", flush=True)
-
+    log = timed_log(wall_start)
     model, processor = build_janus(config.seed, **config.text)
     tokenizer = processor.tokenizer
     longest = max(
         len(janus_prompt_ids(processor, janus_request(m["prompt"], True), tokenizer.bos_token_id))
         + len(tokenizer(describe(m), add_special_tokens=False)["input_ids"])
         + 1
-        for m in _all_prompts()
+        for m in all_prompts()
     )
     longest_cot = max(
-        len(tokenizer(describe(m), add_special_tokens=False)["input_ids"]) + 1 for m in _all_prompts()
+        len(tokenizer(describe(m), add_special_tokens=False)["input_ids"]) + 1 for m in all_prompts()
     )
     n_image = int(model.config.vision_config.num_image_tokens)
     if longest + 1 + n_image > model.config.text_config.max_position_embeddings:
@@ -719,7 +547,7 @@ def pretrain_janus(output_dir: str | Path, config: JanusPretrainConfig | None = 
         final["cot" if use else "no_cot"] = scores
         log(
             f"final test accuracy {'with' if use else 'without'} CoT ({config.final_eval_per_tag} prompts per tag): "
-            f"{_format(scores)}"
+            f"{format_scores(scores)}"
         )
     sweep = {}
     for weight in config.cfg_sweep:
@@ -732,7 +560,7 @@ def pretrain_janus(output_dir: str | Path, config: JanusPretrainConfig | None = 
             cfg_weight=weight,
         )
         sweep[str(weight)] = scores
-        log(f"train split, cfg_weight {weight}, with CoT: {_format(scores)}")
+        log(f"train split, cfg_weight {weight}, with CoT: {format_scores(scores)}")
     metrics["test_accuracy"] = final
     metrics["train_cfg_sweep"] = sweep
     metrics["sampling"] = JANUS_SAMPLING
@@ -742,22 +570,3 @@ def pretrain_janus(output_dir: str | Path, config: JanusPretrainConfig | None = 
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"done in {metrics['wall_minutes']:.1f} min")
     return metrics
-
-
-def main_janus(args) -> dict[str, Any]:
-    """Run :func:`pretrain_janus` from the parsed arguments of ``pretrain``'s CLI (``None`` keeps a default)."""
-    options = {
-        "minutes": args.minutes,
-        "vq_minutes": args.vq_minutes,
-        "batch_size": args.batch_size,
-        "eval_every_minutes": args.eval_every_minutes,
-        "final_eval_per_tag": args.final_eval_per_tag,
-        "threads": args.threads,
-    }
-    config = JanusPretrainConfig(
-        seed=args.seed,
-        max_steps=args.max_steps,
-        vq_max_steps=args.vq_max_steps,
-        **{k: v for k, v in options.items() if v is not None},
-    )
-    return pretrain_janus(args.output, config)

@@ -1,16 +1,10 @@
-"""Pretrain the toy text-to-image models that ship with the package, on toy-world renders.
+"""Pretrain the toy ``StableDiffusion3Pipeline`` that ships with the package, on toy-world renders.
 
 Usage::
 
     python -m trl_intrinsic.toyworld.pretrain flow [--minutes M] [--seed S] [--output DIR] [--init-from DIR]
-    python -m trl_intrinsic.toyworld.pretrain janus [--seed S] [--minutes M] [--max-steps N] \
-        [--vq-max-steps N] [--threads T] [--output DIR]
 
-``janus`` trains the toy ``JanusForConditionalGeneration`` (a VQ tokenizer, then the language model
-on IRIS-formatted sequences with a chain-of-thought); see :mod:`trl_intrinsic.toyworld.pretrain_janus`.
-
-``flow`` trains a small ``StableDiffusion3Pipeline`` in two stages, both on images rendered on the
-fly from ``sample_metadata(split="train")``:
+Two stages, both on images rendered on the fly from ``sample_metadata(split="train")``:
 
 1. **VAE.** An ``AutoencoderKL`` with one ×2 downsampling (32×32×3 px ↔ 16×16×4 latents) learns to
    reconstruct renders: mean squared error with coloured pixels weighted ×5 (or it settles on the
@@ -29,74 +23,53 @@ fly from ``sample_metadata(split="train")``:
 are kept; the render stream is seeded by the steps already taken, so the continuation sees new images).
 
 The prompts of the held-out ``"test"`` split never appear in training; the accuracy reported at
-the end (verifier, :func:`evaluate_flow_pipeline`) is measured on them.
+the end (verifier, :func:`~trl_intrinsic.toyworld.evaluation.evaluate_flow_pipeline`) is measured on them.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trl_intrinsic.toyworld.evaluation import evaluate_flow_pipeline
 from trl_intrinsic.toyworld.models import FLOW_SAMPLING, load_toy_pipeline
-from trl_intrinsic.toyworld.rendering import render
+from trl_intrinsic.toyworld.pretrain.common import (
+    PretrainConfig,
+    TrainStream,
+    all_prompts,
+    format_scores,
+    render_batch,
+    timed_log,
+    to_pil,
+)
+from trl_intrinsic.toyworld.pretrain.components import autoencoder_kl, sd3_pipeline
 from trl_intrinsic.toyworld.scenes import TAGS, TEST_TAGS, prompt_space, sample_metadata
 from trl_intrinsic.toyworld.verifier import evaluate
 
-__all__ = [
-    "FLOW_SAMPLING",
-    "FlowPretrainConfig",
-    "build_flow_pipeline",
-    "evaluate_flow_pipeline",
-    "main",
-    "pretrain_flow",
-]
+__all__ = ["FlowPretrainConfig", "build_flow_pipeline", "pretrain_flow"]
 
 
 @dataclass
-class FlowPretrainConfig:
-    """Settings of :func:`pretrain_flow`. Times are wall-clock minutes; a ``max_*_steps`` stops earlier."""
+class FlowPretrainConfig(PretrainConfig):
+    """Settings of :func:`pretrain_flow`: :class:`~trl_intrinsic.toyworld.pretrain.common.PretrainConfig` plus
+    the VAE stage (``vae_*``), the flow-matching knobs and the transformer's size."""
 
-    seed: int = 0
-    minutes: float = 25.0
     vae_minutes: float = 5.0
     vae_target_accuracy: float = 0.97
     vae_check_every: int = 150
-    max_steps: int | None = None
     vae_max_steps: int | None = None
-    batch_size: int = 32
     vae_batch_size: int = 16
-    learning_rate: float = 7e-4
     vae_learning_rate: float = 2e-3
-    warmup_steps: int = 100
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     timestep_shift: float = 3.0
-    # Tags to draw training prompts from; a repeated tag is drawn more often (position and colour
-    # binding learn slowest).
-    train_tags: tuple[str, ...] = (
-        "single_object",
-        "two_object",
-        "counting",
-        "colors",
-        "position",
-        "position",
-        "color_attr",
-        "color_attr",
-    )
-    eval_every_minutes: float = 5.0
-    eval_per_tag: int = 24
-    final_eval_per_tag: int = 200
-    threads: int = 1
     max_prompt_tokens: int = 24
     # Continue from a pipeline written by `pretrain flow` (its VAE, text encoders and transformer) instead
     # of starting from scratch: the VAE stage is skipped and the transformer trains on new renders.
@@ -110,13 +83,11 @@ class FlowPretrainConfig:
         }
     )
 
+    _stage1_minutes: ClassVar[tuple[str, ...]] = ("vae_minutes",)
+    _stage1_counts: ClassVar[tuple[str, ...]] = ("vae_batch_size",)
+
     def __post_init__(self) -> None:
-        for name in ("minutes", "vae_minutes", "eval_every_minutes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
-        for name in ("batch_size", "vae_batch_size", "eval_per_tag", "final_eval_per_tag", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        super().__post_init__()
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -128,41 +99,21 @@ class FlowPretrainConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _toy_vae():
-    """An ``AutoencoderKL`` with one ×2 downsampling: (B, 3, 32, 32) in [-1, 1] ↔ (B, 4, 16, 16)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        mid_block_add_attention=False,
-    )
-
-
 def build_flow_pipeline(seed: int = 0, *, max_prompt_tokens: int = 24, **transformer_overrides: Any):
     """A randomly initialised toy ``StableDiffusion3Pipeline`` (T5-less) ready for :func:`pretrain_flow`.
 
     The text side (two CLIP encoders of hidden size 32 and their locally built tokenizers) and the
-    scheduler come from :func:`trl_intrinsic.testing.tiny_sd3_pipeline`; the transformer takes
-    ``transformer_overrides`` (``SD3Transformer2DModel`` config values) and the VAE is
-    :func:`_toy_vae`. Weights are seeded by ``seed``.
+    scheduler are :func:`~trl_intrinsic.toyworld.pretrain.components.sd3_pipeline`'s (the pipeline of
+    :func:`trl_intrinsic.testing.tiny_sd3_pipeline`); the transformer takes ``transformer_overrides``
+    (``SD3Transformer2DModel`` config values) and the VAE is a wider
+    :func:`~trl_intrinsic.toyworld.pretrain.components.autoencoder_kl` (channels 32, 64). Weights are
+    seeded by ``seed``.
 
     The tokenizers pad and truncate to ``max_prompt_tokens`` (toy-world prompts take at most 19)
     instead of CLIP's 77, which makes the joint attention about twice as cheap.
     """
-    from trl_intrinsic.testing import tiny_sd3_pipeline
-
-    pipe = tiny_sd3_pipeline(seed, **transformer_overrides)
-    longest = max(len(pipe.tokenizer(m["prompt"]).input_ids) for m in _all_prompts())
+    pipe = sd3_pipeline(seed, **transformer_overrides)
+    longest = max(len(pipe.tokenizer(m["prompt"]).input_ids) for m in all_prompts())
     if max_prompt_tokens < longest:
         raise ValueError(
             f"max_prompt_tokens: the longest toy-world prompt takes {longest} tokens, got {max_prompt_tokens}"
@@ -173,41 +124,9 @@ def build_flow_pipeline(seed: int = 0, *, max_prompt_tokens: int = 24, **transfo
     pipe.set_progress_bar_config(disable=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        pipe.vae = _toy_vae()
+        pipe.vae = autoencoder_kl(4, block_out_channels=(32, 64), norm_num_groups=16)
     pipe.register_modules(vae=pipe.vae)
     return pipe
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-def _all_prompts() -> list[dict]:
-    """Every metadata dict of both splits."""
-    out = [m for tag in TAGS for m in prompt_space(tag, "train")]
-    return out + [m for tag in TEST_TAGS for m in prompt_space(tag, "test")]
-
-
-def _render_batch(metadatas: Sequence[dict], seeds: Sequence[int]) -> torch.Tensor:
-    """Renders as a (B, 3, 32, 32) float tensor in [-1, 1]."""
-    arrays = np.stack(
-        [np.asarray(render(m, seed=int(s)), dtype=np.float32) for m, s in zip(metadatas, seeds)]
-    )
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-class _TrainStream:
-    """Endless, seeded stream of (metadata, render seed) from the train split."""
-
-    def __init__(self, seed: int, tags: Sequence[str]):
-        self._rng = np.random.default_rng(seed)
-        self._tags = list(tags)
-
-    def next(self, n: int) -> tuple[list[dict], list[int]]:
-        metas = sample_metadata(n, seed=int(self._rng.integers(2**31)), tags=self._tags)
-        seeds = self._rng.integers(2**31, size=n).tolist()
-        return metas, seeds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,9 +140,9 @@ def _reconstruction_accuracy(vae, seed: int, n_per_tag: int = 16) -> float:
     test = sample_metadata(n_per_tag * len(TEST_TAGS), seed=seed, split="test")
     was_training = vae.training
     vae.eval()
-    recon = vae.decode(vae.encode(_render_batch(test, range(len(test)))).latent_dist.mode()).sample
+    recon = vae.decode(vae.encode(render_batch(test, range(len(test)))).latent_dist.mode()).sample
     vae.train(was_training)
-    return evaluate(_to_pil(recon), test)["overall"]
+    return evaluate(to_pil(recon), test)["overall"]
 
 
 def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
@@ -234,7 +153,7 @@ def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
     """
     from tqdm.auto import tqdm
 
-    stream = _TrainStream(config.seed + 11, config.train_tags)
+    stream = TrainStream(config.seed + 11, config.train_tags)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     vae.train()
     start, step, loss, recon_acc = time.monotonic(), 0, None, float("nan")
@@ -242,7 +161,7 @@ def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
     while time.monotonic() - start < config.vae_minutes * 60 and (
         config.vae_max_steps is None or step < config.vae_max_steps
     ):
-        images = _render_batch(*stream.next(config.vae_batch_size))
+        images = render_batch(*stream.next(config.vae_batch_size))
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # Coloured pixels (anything not white) weigh 5x: otherwise the background dominates.
@@ -265,9 +184,9 @@ def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
     vae.eval()
 
     # Latent statistics -> SD3 convention: scaled = (z - shift_factor) * scaling_factor.
-    metas, seeds = _TrainStream(config.seed + 12, config.train_tags).next(256)
+    metas, seeds = TrainStream(config.seed + 12, config.train_tags).next(256)
     with torch.no_grad():
-        latents = vae.encode(_render_batch(metas, seeds)).latent_dist.mode()
+        latents = vae.encode(render_batch(metas, seeds)).latent_dist.mode()
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
 
@@ -276,13 +195,6 @@ def _train_vae(vae, config: FlowPretrainConfig, log) -> dict[str, float]:
     stats |= {"vae_shift_factor": shift, "vae_scaling_factor": scale, "vae_recon_accuracy": recon_acc}
     log(f"vae done: {step} steps, verifier accuracy on reconstructions {recon_acc:.3f}")
     return stats
-
-
-def _to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,59 +233,6 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1.0 - decay)
 
 
-@torch.no_grad()
-def evaluate_flow_pipeline(
-    pipe,
-    *,
-    n_per_tag: int = 200,
-    seed: int = 0,
-    split: str = "test",
-    batch_size: int = 100,
-    **sampling: Any,
-) -> dict[str, Any]:
-    """Toy accuracy of a text-to-image pipeline: generate one image per prompt and verify it.
-
-    Args:
-        pipe: a diffusers pipeline called as ``pipe(prompts, generator=..., **sampling)``.
-        n_per_tag: prompts per tag (drawn with :func:`sample_metadata`, balanced over the tags of
-            ``split``).
-        seed: seeds both the prompts and the sampling noise.
-        split: ``"test"`` (held-out compositions) or ``"train"``.
-        batch_size: prompts per pipeline call.
-        **sampling: overrides of :data:`FLOW_SAMPLING`.
-
-    Returns:
-        :func:`trl_intrinsic.toyworld.evaluate`'s dict (accuracy per tag, ``"overall"``, ``"counts"``), plus
-        ``"blank"``: the share of images without content (pixel standard deviation below
-        :data:`trl_intrinsic.flow.diagnostics.BLANK_IMAGE_STD`), the failure an intrinsic reward can drift to.
-    """
-    if n_per_tag < 1:
-        raise ValueError(f"n_per_tag: must be ≥ 1, got {n_per_tag}")
-    settings = {**FLOW_SAMPLING, **sampling}
-    tags = None if split == "test" else list(TAGS)
-    n_tags = len(TEST_TAGS) if tags is None else len(tags)
-    metas = sample_metadata(n_per_tag * n_tags, seed=seed, split=split, tags=tags)
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for i in range(0, len(metas), batch_size):
-        prompts = [m["prompt"] for m in metas[i : i + batch_size]]
-        images += pipe(prompts, generator=generator, output_type="pil", **settings).images
-    return {**evaluate(images, metas), "blank": blank_share(images)}
-
-
-def blank_share(images: Sequence[Any]) -> float:
-    """Share of PIL images whose pixel standard deviation (0–1 units, mean over RGB) is below
-    :data:`~trl_intrinsic.flow.diagnostics.BLANK_IMAGE_STD`."""
-    from trl_intrinsic.flow.diagnostics import BLANK_IMAGE_STD, image_std
-
-    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
-    return float((image_std(pixels.permute(0, 3, 1, 2).float() / 255) < BLANK_IMAGE_STD).float().mean())
-
-
-def _format(scores: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "counts")
-
-
 def _train_transformer(
     pipe, config: FlowPretrainConfig, log, deadline: float, first_step: int = 0
 ) -> dict[str, Any]:
@@ -392,7 +251,7 @@ def _train_transformer(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
     )
-    stream = _TrainStream(config.seed + 21 + 1_000_003 * first_step, config.train_tags)
+    stream = TrainStream(config.seed + 21 + 1_000_003 * first_step, config.train_tags)
     generator = torch.Generator().manual_seed(config.seed + 22 + 1_000_003 * first_step)
     vae = pipe.vae
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
@@ -405,7 +264,7 @@ def _train_transformer(
     while time.monotonic() < deadline and (config.max_steps is None or step < config.max_steps):
         metas, seeds = stream.next(config.batch_size)
         with torch.no_grad():
-            x0 = (vae.encode(_render_batch(metas, seeds)).latent_dist.sample(generator) - shift) * scale
+            x0 = (vae.encode(render_batch(metas, seeds)).latent_dist.sample(generator) - shift) * scale
         rows = torch.tensor([index[m["prompt"]] for m in metas])
         drop = torch.rand(len(rows), generator=generator) < config.caption_dropout
         rows = torch.where(drop, torch.zeros_like(rows), rows)
@@ -439,7 +298,7 @@ def _train_transformer(
             pipe.transformer = model
             history.append({"step": first_step + step, "minutes": elapsed / 60, "loss": running, **scores})
             log(
-                f"step {first_step + step} ({elapsed / 60:.1f} min): loss {running:.4f}, test accuracy {_format(scores)}"
+                f"step {first_step + step} ({elapsed / 60:.1f} min): loss {running:.4f}, test accuracy {format_scores(scores)}"
             )
     bar.close()
     pipe.transformer = ema
@@ -466,11 +325,7 @@ def pretrain_flow(output_dir: str | Path, config: FlowPretrainConfig | None = No
     torch.manual_seed(config.seed)
     wall_start = time.monotonic()
 
-    def log(message: str) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(f"[{(time.monotonic() - wall_start) / 60:5.1f} min] {message}")
-
+    log = timed_log(wall_start)
     metrics: dict[str, Any] = {"config": asdict(config)}
     deadline = time.monotonic() + config.minutes * 60
     if config.init_from is None:
@@ -505,78 +360,10 @@ def pretrain_flow(output_dir: str | Path, config: FlowPretrainConfig | None = No
     log(f"saved to {output_dir}")
     shipped = load_toy_pipeline(output_dir)
     final = evaluate_flow_pipeline(shipped, n_per_tag=config.final_eval_per_tag, seed=config.seed + 2000)
-    log(f"final test accuracy ({config.final_eval_per_tag} prompts per tag): {_format(final)}")
+    log(f"final test accuracy ({config.final_eval_per_tag} prompts per tag): {format_scores(final)}")
     metrics["test_accuracy"] = final
     metrics["sampling"] = FLOW_SAMPLING
     metrics["eval_seed"] = config.seed + 2000
     metrics["wall_minutes"] = (time.monotonic() - wall_start) / 60
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def _default_output(model: str) -> Path:
-    return Path(__file__).resolve().parent / "weights" / model
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="python -m trl_intrinsic.toyworld.pretrain",
-        description="Pretrain a toy model on toy-world renders.",
-    )
-    parser.add_argument("model", choices=["flow", "janus"], help="which toy model to train")
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help=f"training time, both stages (default {FlowPretrainConfig.minutes} for flow, 35 for janus)",
-    )
-    parser.add_argument("--vae-minutes", type=float, default=None, help="flow: VAE time budget")
-    parser.add_argument("--vq-minutes", type=float, default=None, help="janus: VQ time budget")
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop the transformer / language model after this many steps",
-    )
-    parser.add_argument("--vae-max-steps", type=int, default=None)
-    parser.add_argument("--vq-max-steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--eval-every-minutes", type=float, default=None)
-    parser.add_argument("--final-eval-per-tag", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=None, help="default: the package's weights/<model>")
-    parser.add_argument(
-        "--init-from", default=None, help="flow: continue training the pipeline saved in this directory"
-    )
-    args = parser.parse_args(argv)
-    args.output = args.output or _default_output(args.model)
-    if args.model == "janus":
-        from trl_intrinsic.toyworld.pretrain_janus import main_janus
-
-        return main_janus(args)
-    options = {
-        "minutes": args.minutes,
-        "vae_minutes": args.vae_minutes,
-        "batch_size": args.batch_size,
-        "eval_every_minutes": args.eval_every_minutes,
-        "final_eval_per_tag": args.final_eval_per_tag,
-        "threads": args.threads,
-        "init_from": args.init_from,
-    }
-    config = FlowPretrainConfig(
-        seed=args.seed,
-        max_steps=args.max_steps,
-        vae_max_steps=args.vae_max_steps,
-        **{k: v for k, v in options.items() if v is not None},
-    )
-    return pretrain_flow(args.output, config)
-
-
-if __name__ == "__main__":
-    main()

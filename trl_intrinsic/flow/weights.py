@@ -1,0 +1,161 @@
+"""Loading a flow pipeline for training, making its transformer trainable, saving and loading the result.
+
+LoRA adapters are saved in diffusers format (``pytorch_lora_weights.safetensors``, loadable with
+``pipe.load_lora_weights``); a fully fine-tuned transformer is saved as ``transformer/`` in
+``save_pretrained`` layout. Everything is safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "LORA_WEIGHTS_NAME",
+    "TRANSFORMER_DIR",
+    "load_flow_pipeline",
+    "load_transformer_weights",
+    "prepare_transformer",
+    "save_transformer_weights",
+]
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TRANSFORMER_DIR = "transformer"
+
+
+def load_flow_pipeline(
+    model: str | os.PathLike | DiffusionPipeline, init_kwargs: dict[str, Any] | None = None
+):
+    """A diffusers pipeline from a hub id or a local directory (safetensors weights only), or ``model`` itself.
+
+    Args:
+        model: a ``DiffusionPipeline``, a hub id or a local path.
+        init_kwargs: ``from_pretrained`` keyword arguments; ``torch_dtype`` / ``dtype`` may be a name
+            (``"bfloat16"``); the default dtype is float32.
+    """
+    if isinstance(model, DiffusionPipeline):
+        return model
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(
+            f"`model` must be a DiffusionPipeline, a hub id or a local path, got {type(model).__name__}."
+        )
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    kwargs.setdefault("trust_remote_code", False)
+    # Components saved as absent (e.g. SD3 without T5: `[null, null]` in model_index.json) must be passed as
+    # None explicitly, or diffusers refuses to load the pipeline.
+    index = DiffusionPipeline.load_config(str(model))
+    for name, entry in index.items():
+        if isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] is None and name not in kwargs:
+            kwargs[name] = None
+    return DiffusionPipeline.from_pretrained(
+        str(model),
+        dtype=dtype if dtype not in (None, "auto") else torch.float32,
+        use_safetensors=True,
+        **kwargs,
+    )
+
+
+def prepare_transformer(
+    pipeline: DiffusionPipeline,
+    peft_config: Any | None,
+    default_lora_targets: tuple[str, ...],
+    *,
+    activation_checkpointing: bool = False,
+    frozen_copy: bool = False,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """Freeze every component of ``pipeline``, then make LoRA adapters (or the whole transformer) trainable.
+
+    Args:
+        peft_config: a ``peft.LoraConfig`` (its ``target_modules`` default to ``default_lora_targets``;
+            trainable weights are kept in fp32 whatever the base dtype), or ``None`` to train every weight.
+        activation_checkpointing: enable the transformer's gradient checkpointing.
+        frozen_copy: with full fine-tuning, also return a frozen copy of the initial transformer (the
+            reference of a KL term); with LoRA the reference is the transformer with its adapters disabled.
+
+    Returns:
+        ``(transformer, frozen_reference_or_None)``.
+    """
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+            component.eval()
+    transformer = pipeline.transformer
+    reference = None
+    if peft_config is not None:
+        peft_config = copy.deepcopy(peft_config)
+        if not peft_config.target_modules:
+            peft_config.target_modules = list(default_lora_targets)
+        if getattr(peft_config, "lora_dropout", 0.0) > 0:
+            logger.warning(
+                f"LoRA dropout {peft_config.lora_dropout} makes the trained policy differ from the one that sampled "
+                "the rollouts (rollouts are sampled without dropout), so importance ratios are not 1 on-policy and "
+                "updates get clipped; set `lora_dropout=0` (TRL's ModelConfig defaults to 0.05)."
+            )
+        transformer.add_adapter(peft_config)
+        for param in transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        transformer.requires_grad_(True)
+        if frozen_copy:
+            reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+    if activation_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, reference
+
+
+def save_transformer_weights(
+    pipeline: DiffusionPipeline,
+    transformer: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    use_lora: bool,
+) -> None:
+    """Write the LoRA of ``transformer`` in diffusers format, or the whole transformer under ``transformer/``."""
+    os.makedirs(output_dir, exist_ok=True)
+    if use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+        type(pipeline).save_lora_weights(
+            output_dir,
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+    else:
+        transformer.save_pretrained(os.path.join(output_dir, TRANSFORMER_DIR), safe_serialization=True)
+
+
+def load_transformer_weights(
+    transformer: torch.nn.Module, directory: str | os.PathLike, *, use_lora: bool
+) -> None:
+    """Load into ``transformer`` what :func:`save_transformer_weights` wrote to ``directory``."""
+    from safetensors.torch import load_file
+
+    if use_lora:
+        from peft.utils import set_peft_model_state_dict
+
+        path = os.path.join(directory, LORA_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"No {LORA_WEIGHTS_NAME} in checkpoint {directory}; cannot resume.")
+        prefix = "transformer."
+        state = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(transformer, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"Checkpoint {path} has unexpected LoRA keys: {result.unexpected_keys[:5]}")
+    else:
+        loaded = type(transformer).from_pretrained(
+            os.path.join(directory, TRANSFORMER_DIR), torch_dtype=transformer.dtype
+        )
+        transformer.load_state_dict(loaded.state_dict())
