@@ -800,6 +800,30 @@ class FlowTrainerBase(_BaseTrainer):
 
         return asyncio.run_coroutine_threadsafe(_gather(), self._async_loop).result()
 
+    def _backward_pieces(
+        self, model, num_pieces: int, piece_loss: Callable[[int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Back-propagate ``piece_loss(k)`` for ``k < num_pieces`` one piece at a time (the activation memory of
+        one piece), each scaled by ``1 / (num_pieces × gradient accumulation steps)``; gradients are synchronised
+        across processes once, after the last piece (DeepSpeed: one backward of the sum). Returns the detached
+        scaled total."""
+        scale = 1.0 / (num_pieces * self.current_gradient_accumulation_steps)
+        total = torch.zeros((), device=self.accelerator.device)
+        deepspeed_loss = None
+        for k in range(num_pieces):
+            with self.compute_loss_context_manager():
+                loss = piece_loss(k) * scale
+            if self.is_deepspeed_enabled:  # the engine expects a single backward per micro-batch
+                deepspeed_loss = loss if deepspeed_loss is None else deepspeed_loss + loss
+            else:
+                last = k == num_pieces - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    self.accelerator.backward(loss)
+            total += loss.detach()
+        if deepspeed_loss is not None:
+            self.accelerator.backward(deepspeed_loss, scale_wrt_gas=False)
+        return total
+
     # ------------------------------------------------------------------ logging
     def _log_rollout_metrics(
         self, mode, rewards_per_func, rewards, group_ids, advantages, prompts, images, local

@@ -192,22 +192,13 @@ class DiffusionNFTTrainer(FlowTrainerBase):
             k=num_levels,
             shift=args.timestep_shift,
         ).to(self.accelerator.device)
-        scale = 1.0 / (num_levels * self.current_gradient_accumulation_steps)
-        total = torch.zeros((), device=self.accelerator.device)
-        deepspeed_loss = None
-        for k in range(num_levels):
-            noise = torch.randn(batch["latents"].shape, generator=generator).to(batch["latents"])
-            with self.compute_loss_context_manager():
-                loss = self._noise_level_loss(model, batch, t[:, k], noise) * scale
-            if self.is_deepspeed_enabled:  # the engine expects a single backward per micro-batch
-                deepspeed_loss = loss if deepspeed_loss is None else deepspeed_loss + loss
-            else:
-                last = k == num_levels - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    self.accelerator.backward(loss)
-            total += loss.detach()
-        if deepspeed_loss is not None:
-            self.accelerator.backward(deepspeed_loss, scale_wrt_gas=False)
+        latents = batch["latents"]
+
+        def level_loss(k: int) -> torch.Tensor:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            return self._noise_level_loss(model, batch, t[:, k], noise)
+
+        total = self._backward_pieces(model, num_levels, level_loss)
         self._metrics["train"]["timing/train_step_s"].append(time.perf_counter() - started)
         self._step += 1
         return total

@@ -21,7 +21,6 @@ shared with the other flow trainers (:class:`~trl_intrinsic.trainers.common.Flow
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -156,21 +155,9 @@ class FlowGRPOTrainer(FlowTrainerBase):
         model.train()
         batch = self._prepare_inputs(inputs)
         train_steps = batch["train_steps"]
-        scale = 1.0 / (len(train_steps) * self.current_gradient_accumulation_steps)
-        total = torch.zeros((), device=self.accelerator.device)
-        deepspeed_loss = None
-        for k, j in enumerate(train_steps):
-            with self.compute_loss_context_manager():
-                loss = self._timestep_loss(model, batch, j) * scale
-            if self.is_deepspeed_enabled:  # the engine expects a single backward per micro-batch
-                deepspeed_loss = loss if deepspeed_loss is None else deepspeed_loss + loss
-            else:
-                last = k == len(train_steps) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    self.accelerator.backward(loss)
-            total += loss.detach()
-        if deepspeed_loss is not None:
-            self.accelerator.backward(deepspeed_loss, scale_wrt_gas=False)
+        total = self._backward_pieces(
+            model, len(train_steps), lambda k: self._timestep_loss(model, batch, train_steps[k])
+        )
         self._metrics["train"]["timing/train_step_s"].append(time.perf_counter() - started)
         self._step += 1
         return total
