@@ -42,6 +42,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from trl_intrinsic.seeding import derived_generator
+from trl_intrinsic.validation import Range, check_ranges
 
 logger = logging.get_logger(__name__)
 
@@ -415,21 +416,67 @@ class FlowTrainingConfig(GRPOConfig):
         },
     )
 
+    def _field_rules(self) -> list[Range]:
+        """The numeric fields' valid ranges (a subclass adds its own)."""
+        return list(FLOW_FIELD_RULES)
+
     def __post_init__(self):
+        # Checked before GRPOConfig's own validation, so that every message names the field and the fix.
+        check_ranges(self, self._field_rules())
+        for i, weight in enumerate(self.reward_weights or []):
+            if not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ValueError(f"`reward_weights[{i}]` must be a finite number, got {weight!r}.")
+        check_generation_batch(self)
         super().__post_init__()
-        if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"`resolution` must be a positive multiple of 8, got {self.resolution}.")
-        for name in ("num_inference_steps", "eval_num_inference_steps"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"`{name}` must be at least 2, got {getattr(self, name)}.")
-        if not 0.0 <= self.collapse_warning_ratio < 1.0:
+        if self.resolution % 8:
             raise ValueError(
-                f"`collapse_warning_ratio` must be in [0, 1) (0 disables the warning), got {self.collapse_warning_ratio}."
+                f"`resolution` must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}."
             )
-        if self.adv_clip_max <= 0:
-            raise ValueError(f"`adv_clip_max` must be > 0, got {self.adv_clip_max}.")
-        if self.guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be ≥ 0, got {self.guidance_scale}.")
+
+
+def check_generation_batch(config: Any) -> None:
+    """Refuse a generation batch that would split a prompt group, naming the fields to change (TRL's own
+    check runs later and names no fix). The number of processes is read from ``WORLD_SIZE`` (set by
+    ``accelerate launch`` and ``torchrun``)."""
+    if getattr(config, "generation_batch_size", None) is not None:
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = config.steps_per_generation or config.gradient_accumulation_steps
+    images = config.per_device_train_batch_size * processes * steps
+    if images % config.num_generations:
+        raise ValueError(
+            f"A generation batch holds per_device_train_batch_size={config.per_device_train_batch_size} × "
+            f"{processes} processes × steps_per_generation={steps} = {images} samples, which is not a multiple of "
+            f"num_generations={config.num_generations}: a prompt group would be split. Change "
+            "`per_device_train_batch_size`, `steps_per_generation` (or `gradient_accumulation_steps`) or "
+            "`num_generations` so that the product is a multiple of num_generations."
+        )
+
+
+GRPO_FIELD_RULES = (
+    Range("num_generations", 2, integer=True, fix="GRPO compares the images of a prompt group, at least 2."),
+    Range("num_iterations", 1, integer=True),
+    Range("per_device_train_batch_size", 1, integer=True),
+    Range("per_device_eval_batch_size", 1, integer=True),
+    Range("gradient_accumulation_steps", 1, integer=True),
+    Range("steps_per_generation", 1, integer=True, optional=True),
+    Range("learning_rate", 0),
+    Range("weight_decay", 0),
+    Range("max_grad_norm", 0, optional=True, fix="0 disables gradient clipping."),
+    Range("beta", 0, fix="it weights the KL term to the base model; 0 disables it."),
+)
+"""Ranges of the inherited ``GRPOConfig`` fields the package's trainers use."""
+
+FLOW_FIELD_RULES = (
+    *GRPO_FIELD_RULES,
+    Range("resolution", 0, low_open=True, integer=True),
+    Range("num_inference_steps", 2, integer=True),
+    Range("eval_num_inference_steps", 2, integer=True),
+    Range("guidance_scale", 0, fix="1 (or less) samples without classifier-free guidance."),
+    Range("max_sequence_length", 1, integer=True, optional=True),
+    Range("adv_clip_max", 0, low_open=True, fix="the references use 5."),
+    Range("collapse_warning_ratio", 0, 1, high_open=True, fix="0 disables the warning."),
+)
 
 
 # ---------------------------------------------------------------------------------------------- flow trainers
@@ -1112,7 +1159,8 @@ class FlowTrainerBase(_BaseTrainer):
 
 
 def check_prompt_datasets(args: Any, train_dataset: Any, eval_dataset: Any) -> None:
-    """Refuse datasets without a ``prompt`` column, and eval batches that split prompt groups."""
+    """Refuse empty datasets, datasets without a ``prompt`` column, and eval batches that split prompt groups."""
+    check_nonempty_datasets(train_dataset, eval_dataset)
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         columns = getattr(dataset, "column_names", None)
         if columns is not None and "prompt" not in columns:
@@ -1129,6 +1177,15 @@ def check_prompt_datasets(args: Any, train_dataset: Any, eval_dataset: Any) -> N
             f"must hold whole groups of num_generations={args.num_generations}; set `per_device_eval_batch_size` "
             "to a multiple of num_generations / num_processes."
         )
+
+
+def check_nonempty_datasets(train_dataset: Any, eval_dataset: Any) -> None:
+    """Refuse a training or evaluation dataset without rows (e.g. everything filtered out)."""
+    for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(
+                f"`{name}` has no rows; pass a dataset with at least one prompt (check the filters and the split)."
+            )
 
 
 def resolve_flow_rewards(reward_funcs: Any) -> tuple[list[Callable], list[str]]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl_intrinsic.flow.nft import TIMESTEP_SCHEDULES
 from trl_intrinsic.trainers.common import FlowTrainingConfig
+from trl_intrinsic.validation import Range, check_choice
 
 
 @dataclass
@@ -76,28 +77,22 @@ class DiffusionNFTConfig(FlowTrainingConfig):
         default=0.5, metadata={"help": "Cap of the old policy's decay, in [0, 1]."}
     )
 
+    def _field_rules(self) -> list[Range]:
+        return [
+            *super()._field_rules(),
+            Range("nft_beta", 0, 1, low_open=True, fix="β of the implicit policies; the reference uses 1.0."),
+            Range("timestep_fraction", 0, 1, low_open=True),
+            Range("timestep_shift", 0, low_open=True, fix="1.0 means no shift."),
+            Range("old_policy_flat_steps", 0, integer=True),
+            Range(
+                "old_policy_decay_rate", 0, fix="0 keeps the old policy equal to the trained one (on-policy)."
+            ),
+            Range("old_policy_max_decay", 0, 1),
+        ]
+
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.nft_beta) and 0 < self.nft_beta <= 1):
-            raise ValueError(f"`nft_beta` must be in (0, 1], got {self.nft_beta}; the reference uses 1.0.")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(
-                f"`beta` (KL weight) must be ≥ 0, got {self.beta}; the reference uses 1e-4, 0 disables it."
-            )
-        if self.timestep_schedule not in TIMESTEP_SCHEDULES:
-            raise ValueError(
-                f"`timestep_schedule` must be one of {TIMESTEP_SCHEDULES}, got {self.timestep_schedule!r}."
-            )
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}.")
-        if not (math.isfinite(self.timestep_shift) and self.timestep_shift > 0):
-            raise ValueError(f"`timestep_shift` must be > 0, got {self.timestep_shift}; 1.0 means no shift.")
-        if self.old_policy_flat_steps < 0:
-            raise ValueError(f"`old_policy_flat_steps` must be ≥ 0, got {self.old_policy_flat_steps}.")
-        if not (math.isfinite(self.old_policy_decay_rate) and self.old_policy_decay_rate >= 0):
-            raise ValueError(f"`old_policy_decay_rate` must be ≥ 0, got {self.old_policy_decay_rate}.")
-        if not 0.0 <= self.old_policy_max_decay <= 1.0:
-            raise ValueError(f"`old_policy_max_decay` must be in [0, 1], got {self.old_policy_max_decay}.")
+        check_choice("timestep_schedule", self.timestep_schedule, TIMESTEP_SCHEDULES)
 
     @property
     def timesteps_per_image(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl_intrinsic.flow.sde import SDE_TYPES
 from trl_intrinsic.trainers.common import FlowTrainingConfig
+from trl_intrinsic.validation import Range, check_choice
 
 
 @dataclass
@@ -63,26 +64,33 @@ class FlowGRPOConfig(FlowTrainingConfig):
         default="prefix", metadata={"help": "Train the first ('prefix') or last ('suffix') stochastic steps."}
     )
 
+    def _field_rules(self) -> list[Range]:
+        return [
+            *super()._field_rules(),
+            Range(
+                "noise_level",
+                0,
+                fix="the SDE noise level `a`: Flow-GRPO trains with 0.7; 0 is the deterministic sampler.",
+            ),
+            Range(
+                "epsilon",
+                0,
+                low_open=True,
+                fix="the clipping range of the importance ratio; Flow-GRPO uses 1e-4.",
+            ),
+            Range("epsilon_high", 0, low_open=True, optional=True),
+            Range("timestep_fraction", 0, 1, low_open=True, fix="1.0 trains every stochastic step."),
+            Range(
+                "sde_window_size", 0, integer=True, fix="0 makes every step but the terminal one stochastic."
+            ),
+        ]
+
     def __post_init__(self):
         super().__post_init__()
-        if self.noise_level < 0:
-            raise ValueError(
-                f"`noise_level` must be ≥ 0 (0 is the deterministic sampler), got {self.noise_level}."
-            )
-        if self.sde_type not in SDE_TYPES:
-            raise ValueError(f"`sde_type` must be one of {SDE_TYPES}, got {self.sde_type!r}.")
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(
-                f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}; 1.0 trains every "
-                "stochastic step."
-            )
+        check_choice("sde_type", self.sde_type, SDE_TYPES)
         if self.timestep_selection not in ("prefix", "suffix"):
             raise ValueError(
                 f"`timestep_selection` must be 'prefix' or 'suffix', got {self.timestep_selection!r}."
-            )
-        if self.sde_window_size < 0:
-            raise ValueError(
-                f"`sde_window_size` must be ≥ 0 (0 disables the window), got {self.sde_window_size}."
             )
         if self.sde_window_range is not None:
             if len(self.sde_window_range) != 2:

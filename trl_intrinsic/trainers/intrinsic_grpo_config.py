@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from trl_intrinsic.autoregressive.janus import DEFAULT_COT_TEMPLATE
+from trl_intrinsic.trainers.common import GRPO_FIELD_RULES, check_generation_batch
+from trl_intrinsic.validation import Range, check_ranges
 
 __all__ = ["IntrinsicGRPOConfig"]
 
@@ -106,27 +108,27 @@ class IntrinsicGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        # Checked before GRPOConfig's own validation so that the message names the field.
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(
-                f"`num_generations` must be at least 2 (GRPO compares completions within a prompt group), got "
-                f"{self.num_generations}."
-            )
+        # Checked before GRPOConfig's own validation, so that every message names the field and the fix.
+        check_ranges(self, INTRINSIC_FIELD_RULES)
+        check_generation_batch(self)
         super().__post_init__()
-        if not isinstance(self.self_certainty_chunk_size, int) or self.self_certainty_chunk_size < 1:
-            raise ValueError(
-                f"`self_certainty_chunk_size` must be a positive int, got {self.self_certainty_chunk_size!r}."
-            )
-        if not self.cfg_weight >= 1.0:
-            raise ValueError(
-                f"`cfg_weight` must be ≥ 1.0 (1.0 disables classifier-free guidance; IRIS uses 5.0), got "
-                f"{self.cfg_weight}."
-            )
-        if not self.image_temperature > 0:
-            raise ValueError(f"`image_temperature` must be > 0, got {self.image_temperature}.")
         if "{prompt}" not in self.cot_template:
             raise ValueError("`cot_template` must contain the placeholder `{prompt}` for the dataset prompt.")
-        for name in ("image_token_num", "image_size", "janus_lora_r", "janus_lora_alpha"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+INTRINSIC_FIELD_RULES = (
+    *GRPO_FIELD_RULES,
+    Range("epsilon", 0, low_open=True, fix="the clipping range of the importance ratio; TRL uses 0.2."),
+    Range("epsilon_high", 0, low_open=True, optional=True),
+    Range("temperature", 0, low_open=True, fix="1.0 samples from the model's distribution."),
+    Range("max_completion_length", 1, integer=True, optional=True),
+    Range("self_certainty_chunk_size", 1, integer=True),
+    Range("cfg_weight", 1, fix="1.0 disables classifier-free guidance; IRIS uses 5.0."),
+    Range("image_temperature", 0, low_open=True),
+    Range("image_token_num", 1, integer=True, optional=True, fix="None uses the model's own count."),
+    Range("image_size", 1, integer=True, optional=True, fix="None uses the model's size."),
+    Range("janus_lora_r", 1, integer=True),
+    Range("janus_lora_alpha", 1, integer=True),
+    Range("janus_lora_dropout", 0, 1, high_open=True, fix="0 keeps the update on-policy."),
+)
+"""Valid ranges of the numeric fields of :class:`IntrinsicGRPOConfig` and the ``GRPOConfig`` fields it uses."""

@@ -28,6 +28,7 @@ from trl_intrinsic.autoregressive import janus as janus_ops
 from trl_intrinsic.autoregressive.self_certainty import record_generation_self_certainty
 from trl_intrinsic.seeding import derived_generator
 from trl_intrinsic.trainers.common import (
+    check_nonempty_datasets,
     check_reward_values,
     checkpoint_folder,
     load_rollout_buffer,
@@ -120,6 +121,7 @@ class IntrinsicGRPOTrainer(GRPOTrainer):
                 "`use_vllm` and `use_transformers_continuous_batching` must be False for IntrinsicGRPOTrainer: "
                 "these backends do not expose the full next-token logits that self-certainty needs."
             )
+        check_nonempty_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         model = janus_ops.load_janus_if_named(model, args.model_init_kwargs, args.trust_remote_code)
         self.is_janus = janus_ops.is_janus(model)
         if self.is_janus:
