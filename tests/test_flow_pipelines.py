@@ -121,6 +121,29 @@ def test_guidance_runs_one_batched_forward():
     torch.testing.assert_close(guided, uncond + 5.0 * (conditional - uncond), rtol=1e-5, atol=1e-5)
 
 
+def test_detached_unconditional_half_trains_the_conditional_prediction_only():
+    # Flow-GRPO's reference: v = sg(v_u) + w·(v_c − sg(v_u)), so ∂v/∂θ = w·∂v_c/∂θ; the value is unchanged.
+    pipe = testing.tiny_sd3_pipeline()
+    adapter = get_flow_adapter(pipe)
+    pipe.transformer.requires_grad_(True)
+    embeddings = adapter.encode_prompts(PROMPTS, negative_prompt="")
+    x, rows, t = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 1]), torch.full((3,), 500.0)
+    weight = next(p for p in pipe.transformer.parameters() if p.ndim == 2)
+
+    def gradient(**kwargs):
+        pipe.transformer.zero_grad()
+        velocity = adapter.predict_velocity(x, t, embeddings, rows, guidance_scale=5.0, **kwargs)
+        (velocity * torch.linspace(-1, 1, velocity.numel()).view_as(velocity)).sum().backward()
+        return velocity.detach(), weight.grad.clone()
+
+    full_value, full_grad = gradient()
+    detached_value, detached_grad = gradient(detach_uncond=True)
+    _, conditional_grad = gradient(conditional=True)
+    torch.testing.assert_close(detached_value, full_value)
+    torch.testing.assert_close(detached_grad, 5.0 * conditional_grad, rtol=1e-4, atol=1e-6)
+    assert (full_grad - detached_grad).abs().max() > 1e-6
+
+
 def test_unique_prompts_are_encoded_once():
     pipe = testing.tiny_sd3_pipeline()
     adapter = get_flow_adapter(pipe)

@@ -249,6 +249,7 @@ class FlowPipelineAdapter:
         guidance_scale: float = 1.0,
         conditional: bool = False,
         transformer: torch.nn.Module | None = None,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
         """Velocity ``v = ε − x0`` predicted for each row, with guidance in a single forward.
 
@@ -261,6 +262,8 @@ class FlowPipelineAdapter:
             conditional: force the conditional prediction (what SOLACE queries).
             transformer: the module to call (e.g. the accelerate-wrapped one); defaults to the
                 pipeline's transformer.
+            detach_uncond: under guidance, stop the gradient through the unconditional prediction (the
+                Flow-GRPO reference's training). The forward, and so the value, is unchanged.
 
         Returns:
             (N, *latent_shape) float32 velocity.
@@ -286,6 +289,8 @@ class FlowPipelineAdapter:
         ).float()
         if use_cfg:
             v_uncond, v_cond = velocity.chunk(2)
+            if detach_uncond:
+                v_uncond = v_uncond.detach()
             velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
         return velocity
 

@@ -30,6 +30,10 @@ class FlowGRPOConfig(FlowTrainingConfig):
     `epsilon=1e-4`, `scale_rewards="batch"`; activation checkpointing is off by default.
 
     Parameters:
+        cfg_uncond_gradient (`bool`, *optional*, defaults to `False`):
+            With classifier-free guidance, the trained velocity is `v_u + w·(v_c − v_u)`. Flow-GRPO's reference
+            code stops the gradient through `v_u` (the unconditional prediction), so the update moves the
+            conditional prediction only; `True` back-propagates through both halves.
         noise_level (`float`, *optional*, defaults to `0.7`):
             `a` of the SDE: the step std is `a·sqrt(σ/(1−σ))` (`flow_sde`) or `σ'·sin(aπ/2)` (`cps`).
         sde_type (`str`, *optional*, defaults to `"flow_sde"`):
@@ -62,6 +66,13 @@ class FlowGRPOConfig(FlowTrainingConfig):
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of stochastic steps trained."})
     timestep_selection: str = field(
         default="prefix", metadata={"help": "Train the first ('prefix') or last ('suffix') stochastic steps."}
+    )
+
+    cfg_uncond_gradient: bool = field(
+        default=False,
+        metadata={
+            "help": "Back-propagate through the unconditional half of CFG in training (the reference detaches it)."
+        },
     )
 
     def _field_rules(self) -> list[Range]:

@@ -173,6 +173,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
             batch["rows"],
             guidance_scale=args.guidance_scale,
             transformer=transformer,
+            detach_uncond=not args.cfg_uncond_gradient,
         )
         return sde_step_with_logprob(
             velocity,
