@@ -43,7 +43,7 @@ def _score(
     rewards: list[float | None] = []
     for image, meta in zip(images, metadata):
         image = _unwrap(image)
-        if image is None:
+        if image is None or meta is None or meta == "":  # no image, or not a toy-world prompt: does not apply
             rewards.append(None)
             continue
         result = verify(image, meta)
@@ -60,7 +60,8 @@ def verifier_reward(
     partial_credit: bool = False,
     **kwargs: Any,
 ) -> list[float | None]:
-    """1.0 if an image satisfies its metadata, else 0.0; ``None`` for a missing (``None``) image.
+    """1.0 if an image satisfies its metadata, else 0.0; ``None`` for a missing (``None``) image or a row
+    without metadata (not a toy-world prompt: the reward does not apply, as TRL's per-task rewards).
 
     Args:
         prompts: the prompts (only their number is checked).

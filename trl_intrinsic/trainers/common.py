@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig
@@ -42,7 +42,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from trl_intrinsic.seeding import derived_generator
-from trl_intrinsic.validation import Range, check_ranges
+from trl_intrinsic.validation import Range, check_choice, check_ranges
 
 logger = logging.get_logger(__name__)
 
@@ -376,6 +376,9 @@ class FlowTrainingConfig(GRPOConfig):
             training step, or when more than half of the decoded images are blank: the signs of
             SOLACE's known collapse to textureless images. `0` disables the warning; the statistics
             are logged either way.
+        collapse_action (`str`, *optional*, defaults to `"warn"`):
+            What a collapse (as above) does: `"warn"` once, or `"stop"` training at that step without
+            checkpointing it, so that the last checkpoint holds the model from before the collapse.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -409,6 +412,10 @@ class FlowTrainingConfig(GRPOConfig):
     save_full_pipeline: bool = field(
         default=False, metadata={"help": "Without LoRA, also save the whole pipeline at the end."}
     )
+    collapse_action: str = field(
+        default="warn",
+        metadata={"help": "On a collapse (see collapse_warning_ratio): 'warn', or 'stop' training."},
+    )
     collapse_warning_ratio: float = field(
         default=0.5,
         metadata={
@@ -428,6 +435,7 @@ class FlowTrainingConfig(GRPOConfig):
                 raise ValueError(f"`reward_weights[{i}]` must be a finite number, got {weight!r}.")
         check_generation_batch(self)
         super().__post_init__()
+        check_choice("collapse_action", self.collapse_action, ("warn", "stop"))
         if self.resolution % 8:
             raise ValueError(
                 f"`resolution` must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}."
@@ -578,6 +586,8 @@ class FlowTrainerBase(_BaseTrainer):
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._collapse_reference: float | None = None  # latent texture of the first training rollout
         self._collapse_warned = False
+        self._collapse_stop = False  # set by the collapse statistics with `collapse_action="stop"`
+        self.add_callback(_StopOnCollapse(self))
 
     def _needs_frozen_reference(self, args: Any) -> bool:
         """Whether full fine-tuning keeps a frozen copy of the initial transformer (for a KL term)."""
@@ -832,8 +842,14 @@ class FlowTrainerBase(_BaseTrainer):
             ],
             dtype=torch.float32,
         ).T.reshape(len(prompts), len(self.reward_funcs))
-        if torch.isnan(rewards).all(dim=1).any():
-            logger.warning("Every reward function returned None for some samples; they get a zero advantage.")
+        unscored = torch.isnan(rewards).all(dim=1)
+        if unscored.any():
+            first = int(unscored.nonzero()[0])
+            raise ValueError(
+                f"No reward function applies to {int(unscored.sum())} sample(s) at global step {step} (every one "
+                f"returned None; first prompt: {prompts[first]!r}). Each sample needs at least one reward: add a "
+                "reward that applies to it or remove such prompts from the dataset."
+            )
         return rewards.to(self.accelerator.device)
 
     def _run_async(self, awaitables: list) -> list:
@@ -928,6 +944,13 @@ class FlowTrainerBase(_BaseTrainer):
         ratio = texture / max(self._collapse_reference, 1e-12)
         metrics["collapse/texture_ratio"].append(ratio)
         collapsing = ratio < args.collapse_warning_ratio or (blank is not None and blank > 0.5)
+        if collapsing and args.collapse_warning_ratio > 0 and args.collapse_action == "stop":
+            logger.warning(
+                f"Step {self.state.global_step}: stopping (`collapse_action='stop'`): latent texture at {ratio:.2f}× "
+                f"its first value{'' if blank is None else f', {blank:.0%} blank images'}. The weights of this "
+                "step are not saved as a checkpoint; the last checkpoint holds the model before the collapse."
+            )
+            self._collapse_stop = True
         if collapsing and args.collapse_warning_ratio > 0 and not self._collapse_warned:
             logger.warning(
                 f"Step {self.state.global_step}: the samples are losing texture (latent texture at {ratio:.2f}× its "
@@ -1186,6 +1209,20 @@ def check_nonempty_datasets(train_dataset: Any, eval_dataset: Any) -> None:
             raise ValueError(
                 f"`{name}` has no rows; pass a dataset with at least one prompt (check the filters and the split)."
             )
+
+
+class _StopOnCollapse(TrainerCallback):
+    """Ends training at the step whose rollouts collapsed (``collapse_action="stop"``), without checkpointing it:
+    the last checkpoint keeps the weights from before the collapse."""
+
+    def __init__(self, trainer: FlowTrainerBase):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._collapse_stop:
+            control.should_training_stop = True
+            control.should_save = False
+        return control
 
 
 def resolve_flow_rewards(reward_funcs: Any) -> tuple[list[Callable], list[str]]:
