@@ -35,7 +35,9 @@ class SolaceArguments:
     solace_online: bool = field(
         default=True, metadata={"help": "Score with the policy (False: frozen base)."}
     )
-    solace_max_batch_size: int | None = field(default=None, metadata={"help": "Rows per scoring forward."})
+    solace_max_batch_size: int | None = field(
+        default=64, metadata={"help": "Rows per scoring forward (None: all rows in one forward)."}
+    )
 
     def reward(self) -> SolaceReward:
         return SolaceReward(**{f.name.removeprefix("solace_"): getattr(self, f.name) for f in fields(self)})

@@ -81,7 +81,9 @@ class SolaceReward:
         online: ``True`` (paper) queries the policy being trained (``velocity_fn``); ``False`` the
             frozen base model (``reference_velocity_fn``), the paper's offline ablation.
         max_batch_size: at most this many rows per velocity call (``None``: all ``K·|T|·B`` rows in
-            one call). Bounds memory; the result does not depend on it.
+            one call). Bounds memory; the result does not depend on it. The default, 64, measured faster
+            on CPU than one call of all rows (1,280 rows of a Flow-GRPO epoch in one call cost 1.5–2× per row
+            and 1.5× the memory); raise it on a GPU with memory to spare.
         seed: base seed of the probes. The probes of a group are drawn from a generator seeded by
             ``(seed, trainer_state.global_step, group_id)``, so they agree across processes that
             hold parts of one group, and change from step to step.
@@ -97,7 +99,7 @@ class SolaceReward:
         timestep_weighting: str = "uniform",
         normalize: str | None = None,
         online: bool = True,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = 64,
         seed: int = 0,
     ) -> None:
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
