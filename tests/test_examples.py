@@ -284,6 +284,8 @@ def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
     assert [row["reward"] for row in rows] == ["verifier_reward", "brightness (control)"]
     for row in rows:
         assert row["estimates"] == 3 and row["images_per_estimate"] == 8
+        # The same prompt in every estimate; a jackknife SE over the 3 estimates.
+        assert row["prompts_per_estimate"] == 1 and len(row["prompts"]) == 1
         assert -1.0 <= row["cosine_mean"] <= 1.0 and row["cosine_stderr"] >= 0.0
     assert json.loads((tmp_path / "gradient_snr.json").read_text()) == rows
     # The dense control reward gives a non-zero gradient in every estimate.
