@@ -1,0 +1,222 @@
+"""Learning speed at equal CPU time: Flow-GRPO vs DiffusionNFT on one toy-world prompt.
+
+    python benchmarks/bench_learning_speed.py --methods flow_grpo diffusion_nft --seeds 0 1 2 \\
+        --cpu-minutes 5 --output benchmarks/results/learning_speed
+
+Each run post-trains the shipped toy SD3 pipeline on a single prompt with the verifier reward, starting
+from the method's toy demo config (``examples/configs/toy_flow_grpo.yaml`` /
+``toy_diffusion_nft.yaml``), until its training has used ``--cpu-minutes`` of process CPU time
+(``time.process_time``: all threads, robust to other load on the machine; evaluation time excluded).
+Every ``--eval-every`` optimizer steps it measures accuracy on the same ``--eval-samples`` samples:
+the deterministic sampler of the toy model (10 steps, CFG 4.5) from fixed evaluation seeds
+(100_000 + i, which no training stream uses), so successive points and the two methods are compared on
+identical noise (paired). Writes ``<output>.json`` (every curve) and ``<output>.md`` (accuracy at equal
+CPU time per method: mean over seeds, the paired change against the base model with its SE, and the
+between-seed SD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+EVAL_SEED_OFFSET = 100_000
+METHODS = {"flow_grpo": "toy_flow_grpo.yaml", "diffusion_nft": "toy_diffusion_nft.yaml"}
+# Keys of the demo YAML that are script options, not trainer fields.
+SCRIPT_KEYS = {"dataset_name", "num_train_prompts", "reward_funcs", "toy_eval_prompts_per_tag", "use_peft",
+               "lora_r", "lora_alpha", "lora_dropout", "toy_eval_steps", "toy_eval_reward_prompts"}  # fmt: skip
+
+
+@torch.no_grad()
+def correctness(pipeline, prompt: str, metadata: dict, num_samples: int, batch: int = 32) -> np.ndarray:
+    """(num_samples,) 0/1: whether each fixed-seed deterministic sample satisfies the prompt."""
+    from trl_intrinsic.toyworld import FLOW_SAMPLING, verify
+
+    was_training = pipeline.transformer.training
+    pipeline.transformer.eval()
+    results = []
+    for start in range(0, num_samples, batch):
+        seeds = range(EVAL_SEED_OFFSET + start, EVAL_SEED_OFFSET + min(start + batch, num_samples))
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        images = pipeline([prompt] * len(generators), generator=generators, **FLOW_SAMPLING).images
+        results += [bool(verify(image, metadata).correct) for image in images]
+    pipeline.transformer.train(was_training)
+    return np.asarray(results, dtype=np.float64)
+
+
+class Measure(TrainerCallback):
+    """Stops training at the CPU budget and measures accuracy every ``every`` steps (its CPU time excluded)."""
+
+    def __init__(self, trainer, prompt, metadata, num_samples, every, budget_s):
+        self.trainer, self.prompt, self.metadata = trainer, prompt, metadata
+        self.num_samples, self.every, self.budget_s = num_samples, every, budget_s
+        self.eval_cpu = 0.0
+        self.start = time.process_time()
+        self.curve: list[dict] = []
+
+    def training_cpu(self) -> float:
+        return time.process_time() - self.start - self.eval_cpu
+
+    def measure(self, step: int) -> None:
+        started = time.process_time()
+        correct = correctness(self.trainer.pipeline, self.prompt, self.metadata, self.num_samples)
+        self.eval_cpu += time.process_time() - started
+        self.curve.append({"step": step, "cpu_s": self.training_cpu(), "accuracy": float(correct.mean()),
+                           "correct": correct.astype(int).tolist()})  # fmt: skip
+        print(
+            f"  step {step:3d}  cpu {self.curve[-1]['cpu_s']:7.1f} s  accuracy {correct.mean():.3f}",
+            flush=True,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.process_time()
+        self.measure(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        out_of_budget = self.training_cpu() >= self.budget_s
+        if state.global_step % self.every == 0 or out_of_budget:
+            self.measure(state.global_step)
+        if out_of_budget:
+            control.should_training_stop = True
+
+
+def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_intrinsic import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOConfig, FlowGRPOTrainer
+    from trl_intrinsic.toyworld import load_toy_pipeline
+
+    values = yaml.safe_load((CONFIGS / METHODS[method]).read_text())
+    lora = LoraConfig(r=values["lora_r"], lora_alpha=values["lora_alpha"], lora_dropout=0.0)
+    values = {k: v for k, v in values.items() if k not in SCRIPT_KEYS}
+    values.update(
+        output_dir=str(Path(args.output).parent / f"run-{method}-{seed}"), seed=seed, max_steps=10_000,
+        disable_tqdm=True, logging_steps=10_000, save_strategy="no", report_to="none",
+    )  # fmt: skip
+    for override in args.set:
+        key, _, raw = override.partition("=")
+        if key.startswith(f"{method}."):
+            values[key.split(".", 1)[1]] = yaml.safe_load(raw)
+    config_class, trainer_class = (
+        (FlowGRPOConfig, FlowGRPOTrainer)
+        if method == "flow_grpo"
+        else (DiffusionNFTConfig, DiffusionNFTTrainer)
+    )
+    dataset = Dataset.from_dict({"prompt": [prompt] * 4096, "metadata": [json.dumps(metadata)] * 4096})
+    trainer = trainer_class(
+        load_toy_pipeline(), ["verifier_reward_partial"], args=config_class(**values), train_dataset=dataset,
+        peft_config=lora,
+    )  # fmt: skip
+    measure = Measure(trainer, prompt, metadata, args.eval_samples, args.eval_every, args.cpu_minutes * 60)
+    trainer.add_callback(measure)
+    trainer.train()
+    return {"method": method, "seed": seed, "config": {k: v for k, v in values.items() if k != "output_dir"},
+            "curve": measure.curve}  # fmt: skip
+
+
+def at_cpu(curve: list[dict], cpu_s: float | None) -> dict:
+    """The last measurement at or before ``cpu_s`` of training CPU time (``None``: the final one)."""
+    if cpu_s is None:
+        return curve[-1]
+    return [point for point in curve if point["cpu_s"] <= cpu_s + 1e-9][-1]
+
+
+def summarise(runs: list[dict], budget_s: float) -> str:
+    """Accuracy at a quarter, half and all of the CPU budget, per method."""
+    base = np.asarray(runs[0]["curve"][0]["correct"], dtype=float)
+    lines = [
+        "| method | seeds | training CPU min (mean) | accuracy (mean over seeds) | change vs base ± paired SE | SD over seeds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        for cpu_s in (0.25 * budget_s, 0.5 * budget_s, None):
+            points = [at_cpu(r["curve"], cpu_s) for r in mine]
+            accuracy = np.asarray([p["accuracy"] for p in points])
+            # Paired per evaluation sample (the same seeds as the base measurement), averaged over training seeds.
+            diffs = np.mean([np.asarray(p["correct"], dtype=float) - base for p in points], axis=0)
+            se = diffs.std(ddof=1) / math.sqrt(len(diffs))
+            spread = accuracy.std(ddof=1) if len(mine) > 1 else float("nan")
+            cpu = np.mean([p["cpu_s"] for p in points]) / 60
+            lines.append(
+                f"| {method} | {len(mine)} | {cpu:.2f} | {accuracy.mean():.3f} | {diffs.mean():+.3f} ± {se:.3f} | "
+                f"{spread:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--prompt", default="a photo of a square")
+    parser.add_argument("--cpu-minutes", type=float, default=5.0)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="method.field=value overrides, e.g. diffusion_nft.learning_rate=1e-3",
+    )
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "learning_speed"))
+    parser.add_argument("--merge", nargs="+", help="only summarise these result JSON files into --output")
+    args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        result = {**parts[0], "command": [part["command"] for part in parts],
+                  "runs": [run for part in parts for run in part["runs"]]}  # fmt: skip
+        return write(result, args.output, args.cpu_minutes)
+    torch.set_num_threads(args.threads)
+    from trl_intrinsic.toyworld import TAGS, prompt_space
+
+    metadata = next(
+        m
+        for tag in TAGS
+        for split in ("train", "test")
+        for m in prompt_space(tag, split)
+        if m["prompt"] == args.prompt
+    )
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            print(f"{method}, seed {seed}:", flush=True)
+            runs.append(run(method, seed, args.prompt, metadata, args))
+    result = {"prompt": args.prompt, "cpu_minutes": args.cpu_minutes, "eval_samples": args.eval_samples,
+              "eval_seeds": f"{EVAL_SEED_OFFSET}..{EVAL_SEED_OFFSET + args.eval_samples - 1}",
+              "command": "python benchmarks/bench_learning_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "runs": runs}  # fmt: skip
+    return write(result, args.output, args.cpu_minutes)
+
+
+def write(result: dict, output: str, cpu_minutes: float) -> dict:
+    table = summarise(result["runs"], cpu_minutes * 60)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{output}.json").write_text(json.dumps(result, indent=1))
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
+    note = (
+        f"Prompt {result['prompt']!r}; {result['eval_samples']} fixed evaluation samples (seeds "
+        f"{result['eval_seeds']}, deterministic sampler, 10 steps, CFG 4.5); training CPU budget "
+        f"{cpu_minutes:g} min per run. Commands: " + "; ".join(f"`{c}`" for c in commands)
+    )
+    title = "# Learning speed at equal CPU time: Flow-GRPO and DiffusionNFT on one toy prompt"
+    Path(f"{output}.md").write_text(f"{title}\n\n{table}\n\n{note}\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
