@@ -6,7 +6,9 @@ Lay out runs as ``<root>/<method>/<seed dir>/toy_accuracy.json`` (the ``--output
 
 prints one table: the base model (every run's "before"; one row per group of methods measured the same
 way, e.g. with and without a chain-of-thought) and each method's "after", per tag and overall, as mean ±
-sample std over its seeds, with the number of seeds.
+sample std over its seeds, with the number of seeds. Reports written under the evaluation protocol also carry
+the paired change of each run (after − before on the same samples, with its paired SE): a second table lists
+it per run, and a third the trained rewards' change on the fixed prompts.
 """
 
 from __future__ import annotations
@@ -87,6 +89,34 @@ def reward_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(header + lines)
 
 
+def change_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: per method, the paired change of the overall accuracy of each run (``"difference"`` of its
+    report: after − before on the same samples, ± its paired SE; "no measurable change" below 2 SE) and their
+    mean ± std over runs; empty when no report has one."""
+    lines = []
+    for method, reports in runs.items():
+        changes = [r["difference"]["overall"] for r in reports if "overall" in r.get("difference", {})]
+        if not changes:
+            continue
+        cells = []
+        for c in changes:
+            se = c.get("paired_se")
+            measurable = se is not None and c["value"] != 0 and abs(c["value"]) >= 2 * se
+            cells.append(
+                f"{c['value']:+.3f} ± {'—' if se is None else f'{se:.3f}'}"
+                + ("" if measurable else " (no measurable change)")
+            )
+        lines.append(
+            f"| {method} | {len(changes)} | "
+            + ", ".join(cells)
+            + f" | {mean_std([c['value'] for c in changes])} |"
+        )
+    if not lines:
+        return ""
+    header = ["| model | runs | change per run (± paired SE) | mean change |", "|---|---:|---|---:|"]
+    return "\n".join(header + lines)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -103,6 +133,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     runs = load_runs(args.root)
     markdown = table(runs)
+    changes = change_table(runs)
+    if changes:
+        markdown += (
+            "\n\nPaired change of the overall accuracy, after − before on the same samples:\n\n" + changes
+        )
     rewards = reward_table(runs)
     if rewards:
         markdown += "\n\nTrained rewards on the fixed prompts, mean ± std over seeds:\n\n" + rewards

@@ -1,13 +1,16 @@
 """What the example scripts share: their data arguments, the toy-world default config, and what every
-toy-world run reports: held-out accuracy before/after (and along the way), the
-reward and accuracy curves as PNG plots, and a before/after image grid.
+toy-world run reports: held-out accuracy before/after (and along the way) under the toy world's evaluation
+protocol with the paired change and its SE, the reward and accuracy curves as PNG plots, and a before/after
+image grid.
 
 A model family plugs in by subclassing :class:`ToyReport` and implementing ``sample``: the toy
-accuracy of the model as it is now, plus images of the grid prompts.
+accuracy of the model as it is now under a protocol, plus images of the grid prompts.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -42,9 +45,42 @@ class ScriptArguments:
             "help": "Reward names from trl_intrinsic.rewards, e.g. verifier_reward clip_score solace_reward."
         },
     )
-    toy_eval_prompts_per_tag: int = field(
-        default=20,
-        metadata={"help": "Toy world only: held-out prompts per tag for the before/after accuracy."},
+    toy_eval_prompts_per_tag: int | None = field(
+        default=None,
+        metadata={
+            "help": "Toy world only: at most this many distinct prompts per tag in the before/after evaluation "
+            "(default: the evaluation protocol's, 80: every held-out prompt of today's world)."
+        },
+    )
+    toy_eval_samples_per_tag: int | None = field(
+        default=None,
+        metadata={
+            "help": "Toy world only: at least this many samples per tag (each prompt sampled "
+            "ceil(this / its tag's prompts) times; default: the protocol's, 80)."
+        },
+    )
+    toy_eval_seed: int = field(
+        default=10_000,
+        metadata={
+            "help": "Toy world only: the evaluation seed (≥ 10000: evaluation seeds never coincide with training "
+            "seeds, which stay below). Before and after use it, so the change is paired sample by sample."
+        },
+    )
+    toy_eval_sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Toy world only: 'deterministic' (the flow pipeline's ODE sampler, the flow default) or "
+            "'rollout' (the training rollout sampler: Flow-GRPO's SDE window and noise level, DiffusionNFT's ODE at "
+            "the training step count; Janus's IRIS rollout, the only Janus sampler and its default)."
+        },
+    )
+    toy_noise_floor_seeds: int = field(
+        default=0,
+        metadata={
+            "help": "Toy world only: measure the evaluation noise floor (SD of the overall accuracy of the model "
+            "before training over this many evaluation seeds, ≥ 2, 5 advised; costs this many − 1 extra "
+            "evaluations); 0 does not measure it and the report says so."
+        },
     )
     toy_eval_split: str = field(
         default="test",
@@ -69,8 +105,24 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        if self.toy_eval_prompts_per_tag < 1:
-            raise ValueError(f"toy_eval_prompts_per_tag must be ≥ 1, got {self.toy_eval_prompts_per_tag}.")
+        for name in ("toy_eval_prompts_per_tag", "toy_eval_samples_per_tag"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1 (or None for the protocol's default), got {value}.")
+        if self.toy_eval_seed < 10_000:
+            raise ValueError(
+                f"toy_eval_seed must be ≥ 10000 (evaluation seeds never coincide with training seeds, which stay "
+                f"below 10000), got {self.toy_eval_seed}."
+            )
+        if self.toy_eval_sampler not in (None, "deterministic", "rollout"):
+            raise ValueError(
+                f"toy_eval_sampler must be 'deterministic' or 'rollout', got {self.toy_eval_sampler!r}."
+            )
+        if self.toy_noise_floor_seeds < 0 or self.toy_noise_floor_seeds == 1:
+            raise ValueError(
+                f"toy_noise_floor_seeds must be 0 (not measured) or ≥ 2 (an SD needs two), got "
+                f"{self.toy_noise_floor_seeds}."
+            )
         if self.toy_eval_split not in ("test", "train"):
             raise ValueError(f"toy_eval_split must be 'test' or 'train', got {self.toy_eval_split!r}.")
         if self.toy_eval_steps < 0:
@@ -79,6 +131,20 @@ class ScriptArguments:
             raise ValueError(
                 f"toy_eval_reward_prompts must be ≥ 0 (0 disables), got {self.toy_eval_reward_prompts}."
             )
+
+    def eval_protocol(self):
+        """The toy-world evaluation protocol of these arguments (:class:`trl_intrinsic.toyworld.EvalProtocol`)."""
+        from trl_intrinsic.toyworld.evaluation import EvalProtocol
+
+        overrides = {
+            "max_prompts_per_tag": self.toy_eval_prompts_per_tag,
+            "min_samples_per_tag": self.toy_eval_samples_per_tag,
+        }
+        return EvalProtocol(
+            split=self.toy_eval_split,
+            seed=self.toy_eval_seed,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
 
     def train_dataset(self, seed: int):
         """The training prompts (a ``datasets.Dataset`` with a ``prompt`` column) from ``dataset_name``."""
@@ -102,75 +168,219 @@ def parse(parser, argv: list[str] | None, toy_config: str):
     return parser.parse_args_and_config(argv)
 
 
-class ToyReport(ABC):
-    """Toy-world accuracy on the held-out split before and after training, the reward curve and a grid.
+class _RecordedReward:
+    """A synchronous reward function that also appends ``(reward name, prompt, value)`` of every sample it scores
+    to ``sink``; every other attribute is the wrapped function's (``requires_images``, ...)."""
 
-    With ``reward_prompts`` > 0 each measurement also scores the trained rewards on that many fixed prompts of
-    the same split (``trainer.evaluate()``: the trainer's own rollouts, the same samples every time), so a run
-    shows what it did to its own objective as well as to the verifier's accuracy.
+    def __init__(self, func, name: str, sink: list):
+        self.func, self.name, self.sink = func, name, sink
+
+    def __getattr__(self, attr: str):
+        return getattr(self.__dict__["func"], attr)
+
+    def __call__(self, *args, **kwargs):
+        values = self.func(*args, **kwargs)
+        prompts = kwargs.get("prompts", args[0] if args else None)
+        if prompts is not None and isinstance(values, (list, tuple)) and len(values) == len(prompts):
+            self.sink.extend(
+                (self.name, p if isinstance(p, str) else json.dumps(p, sort_keys=True, default=str), v)
+                for p, v in zip(prompts, values)
+            )
+        return values
+
+
+def _recordable(func) -> bool:
+    """Whether :class:`_RecordedReward` can wrap ``func``: a plain synchronous callable (not a reward model, not
+    async; those keep their means but get no paired change)."""
+    import inspect
+
+    return not (
+        isinstance(func, torch.nn.Module)
+        or inspect.iscoroutinefunction(func)
+        or inspect.iscoroutinefunction(type(func).__call__)
+    )
+
+
+def reward_deltas(before: list, after: list) -> tuple[dict[str, float], dict[str, float]]:
+    """``({reward: mean change}, {reward: paired SE})`` of per-sample rewards ``(name, prompt, value)`` of two
+    evaluations of the same fixed prompts: samples pair by (prompt, occurrence), the SE is clustered by prompt.
+    Samples a reward skipped (``None``, NaN) on either side are left out."""
+    from trl_intrinsic.toyworld.evaluation import paired_mean_difference
+
+    def keyed(samples, name):
+        seen, out = {}, {}
+        for n, prompt, value in samples:
+            if n != name:
+                continue
+            k = seen[prompt] = seen.get(prompt, -1) + 1
+            out[(prompt, k)] = value
+        return out
+
+    delta, se = {}, {}
+    for name in dict.fromkeys(n for n, _, _ in before):
+        b, a = keyed(before, name), keyed(after, name)
+        pairs = [
+            (key[0], float(b[key]), float(a[key]))
+            for key in b
+            if key in a and _finite(b[key]) and _finite(a[key])
+        ]
+        if pairs:
+            delta[name], se[name] = paired_mean_difference(pairs)
+    return delta, se
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+class ToyReport(ABC):
+    """Toy-world accuracy before and after training, paired under one evaluation protocol; the reward curve; a
+    grid of samples.
+
+    Every measurement draws the same samples (:class:`~trl_intrinsic.toyworld.EvalProtocol`: every distinct prompt
+    of each tag up to a cap, several samples per prompt, a fixed evaluation seed ≥ 10000 that no training seed may
+    equal), so "after − before" is paired sample by sample: per tag and overall the change, its paired SE
+    (clustered by prompt) and the flips (:func:`~trl_intrinsic.toyworld.paired_difference`); a change below 2 paired
+    SE is printed as "no measurable change". With ``toy_noise_floor_seeds`` ≥ 2 the model before training is also
+    evaluated at the next evaluation seeds: the noise floor (:func:`~trl_intrinsic.toyworld.noise_floor`), printed
+    beside every change. The sampler is named in the report.
+
+    With ``toy_eval_reward_prompts`` > 0 each measurement also scores the trained rewards on that many fixed
+    prompts of the same split (``trainer.evaluate()``: the trainer's own rollouts, the same samples every time),
+    so a run shows what it did to its own objective as well as to the verifier's accuracy; their per-sample
+    values give the paired change of each reward (``rewards_delta``, ``rewards_delta_se``).
+
+    A model family subclasses it and implements :meth:`sample`; :attr:`samplers` lists the samplers it has, the
+    first being its default.
     """
 
-    def __init__(self, trainer: Trainer, prompts_per_tag: int, split: str = "test", reward_prompts: int = 0):
-        self.trainer, self.prompts_per_tag, self.split = trainer, prompts_per_tag, split
+    samplers: tuple[str, ...] = ("deterministic", "rollout")
+
+    def __init__(self, trainer: Trainer, script_args: ScriptArguments):
+        self.trainer = trainer
+        self.protocol = script_args.eval_protocol()
+        self.split = self.protocol.split
+        self.sampler = script_args.toy_eval_sampler or self.samplers[0]
+        if self.sampler not in self.samplers:
+            raise ValueError(
+                f"toy_eval_sampler: {type(self).__name__} samples with {self.samplers}, got {self.sampler!r}."
+            )
+        self.noise_floor_seeds = script_args.toy_noise_floor_seeds
+        args = trainer.args
+        self.protocol.check_training_seeds(
+            args.seed, getattr(args, "data_seed", None), n_eval_seeds=max(1, self.noise_floor_seeds)
+        )
         self.results: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, list] = {}
+        self.reward_samples: dict[str, list] = {}
+        self.noise_floor: dict[str, Any] | None = None
         self.grid_images: dict[str, list] = {}
         self.grid_prompts: list[str] = []
-        self.curve: list[tuple[int, dict[str, Any]]] = []
+        self.curve: list[tuple[int, dict[str, Any], dict | None]] = []
         self.reward_dataset = None
-        if reward_prompts:
+        if script_args.toy_eval_reward_prompts:
             from trl_intrinsic.data import load_prompt_dataset
 
             self.reward_dataset = load_prompt_dataset(
-                "toyworld", split=split, num_prompts=reward_prompts, seed=4321
+                "toyworld", split=self.split, num_prompts=script_args.toy_eval_reward_prompts, seed=4321
             )
 
     @abstractmethod
-    def sample(self, grid: bool) -> tuple[dict[str, Any], list[str], list]:
-        """``(accuracy dict of trl_intrinsic.toyworld.evaluate, grid prompts, grid images)``; the grid
-        lists may be empty when ``grid`` is False. Same prompts and seeds on every call."""
+    def sample(self, protocol, grid: bool) -> tuple[dict[str, Any], list[str], list]:
+        """``(scores, grid prompts, grid images)``: the evaluator's scores of the model as it is now under
+        ``protocol`` with :attr:`sampler` (with their per-sample ``"records"``); the grid lists may be empty when
+        ``grid`` is False. Same prompts and seeds on every call with the same protocol."""
 
-    def rewards(self) -> dict[str, float]:
-        """``{reward name: mean}`` over the rollouts of the fixed reward prompts (call on every process)."""
-        model, control = self.trainer.model, self.trainer.control
+    def rewards(self) -> tuple[dict[str, float], list]:
+        """``({reward name: mean}, [(reward name, prompt, value) per sample])`` over the rollouts of the fixed
+        reward prompts (call on every process; the samples are gathered from all)."""
+        from accelerate.utils import gather_object
+
+        trainer = self.trainer
+        model, control = trainer.model, trainer.control
         was_training, flags = model.training, asdict(control)
-        metrics = self.trainer.evaluate(self.reward_dataset)
+        sink: list = []
+        funcs = trainer.reward_funcs
+        trainer.reward_funcs = [
+            _RecordedReward(f, name, sink) if _recordable(f) else f
+            for f, name in zip(funcs, trainer.reward_func_names, strict=True)
+        ]
+        try:
+            metrics = trainer.evaluate(self.reward_dataset)
+        finally:
+            trainer.reward_funcs = funcs
         # evaluate() leaves the model in eval mode and resets the control flags (should_log, ...) that the step
         # being measured has set: restore both so that the training step still logs and saves.
         model.train(was_training)
         for name, value in flags.items():
             setattr(control, name, value)
         prefix, suffix = "eval_rewards/", "/mean"
-        return {
+        means = {
             k[len(prefix) : -len(suffix)]: v
             for k, v in metrics.items()
             if k.startswith(prefix) and k.endswith(suffix)
         }
+        samples = gather_object(sink) if trainer.accelerator.num_processes > 1 else sink
+        return means, samples
 
     @torch.no_grad()
     def measure(self, name: str, grid: bool = True) -> None:
-        """Held-out accuracy per tag (and a grid of samples) of the model as it is now, and the trained
-        rewards on the fixed reward prompts."""
+        """Accuracy per tag under the protocol (and a grid of samples) of the model as it is now, the paired
+        change from ``"before"``, and the trained rewards on the fixed reward prompts."""
+        from trl_intrinsic.toyworld.evaluation import paired_difference
+        from trl_intrinsic.toyworld.report import format_change, format_noise_floor
+
         rewards = self.rewards() if self.reward_dataset is not None else None
         if not self.trainer.accelerator.is_main_process:
             return
-        self.results[name], prompts, images = self.sample(grid)
+        scores, prompts, images = self.sample(self.protocol, grid)
+        self.records[name] = scores.pop("records")
+        self.results[name] = scores
         if rewards is not None:
-            self.results[name]["rewards"] = rewards
-        self.curve.append((self.trainer.state.global_step, self.results[name]))
+            scores["rewards"], self.reward_samples[name] = rewards
+        change = None
+        if name != "before" and "before" in self.records:
+            change = paired_difference(self.records["before"], self.records[name])
+        self.curve.append((self.trainer.state.global_step, scores, change))
         if grid:
             self.grid_prompts, self.grid_images[name] = prompts, images
         print(
             f"toy accuracy {name}: "
-            + ", ".join(f"{k}={v:.3f}" for k, v in self.results[name].items() if isinstance(v, float))
+            + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float))
+            + f" ({self.protocol.n_samples} samples over {self.protocol.n_prompts} distinct "
+            f"{'held-out' if self.split == 'test' else 'training'} prompts, {self.sampler} sampler, evaluation "
+            f"seed {self.protocol.seed})"
         )
-        if rewards:
+        if name == "before" and self.noise_floor_seeds:
+            self.measure_noise_floor(scores)
+        if change is not None:
+            print(f"  change from before, overall: {format_change(change['overall'])}")
+            print("  " + format_noise_floor(self.noise_floor, NOISE_FLOOR_HINT))
+        if rewards and scores["rewards"]:
             print(
-                f"rewards on {len(self.reward_dataset)} held-out prompts {name}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in rewards.items())
+                f"rewards on {len(self.reward_dataset)} fixed prompts {name}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in scores["rewards"].items())
             )
 
+    def measure_noise_floor(self, scores: dict[str, Any]) -> None:
+        """The noise floor of the model as it is now: its overall accuracy over ``noise_floor_seeds`` evaluation
+        seeds (``scores``, just measured, is the first)."""
+        from trl_intrinsic.toyworld.evaluation import noise_floor
+        from trl_intrinsic.toyworld.report import format_noise_floor
+
+        self.noise_floor = noise_floor(
+            lambda protocol: self.sample(protocol, grid=False)[0],
+            self.protocol,
+            self.noise_floor_seeds,
+            known={self.protocol.seed: scores},
+        )
+        self.noise_floor["model"] = "the model before training"
+        print(format_noise_floor(self.noise_floor))
+
     def write(self) -> None:
-        """Write ``toy_accuracy.{json,md}``, ``reward_curve.png``, ``accuracy_curve.png`` and ``before_after.png``."""
+        """Write ``toy_accuracy.{json,md}``, ``toy_accuracy_samples.jsonl``, ``reward_curve.png``,
+        ``accuracy_curve.png`` and ``before_after.png``."""
+        from trl_intrinsic.toyworld.evaluation import paired_difference
         from trl_intrinsic.toyworld.report import before_after_grid, plot_curves, write_accuracy_report
 
         if not self.trainer.accelerator.is_main_process:
@@ -191,8 +401,8 @@ class ToyReport(ABC):
             ]
             for key in keys
         }
-        for key in sorted({k for _, result in self.curve for k in result.get("rewards", {})}):
-            points = [(step, r["rewards"][key]) for step, r in self.curve if key in r.get("rewards", {})]
+        for key in sorted({k for _, result, _ in self.curve for k in result.get("rewards", {})}):
+            points = [(step, r["rewards"][key]) for step, r, _ in self.curve if key in r.get("rewards", {})]
             curves[f"{key}, fixed prompts"] = points
         title = "mean reward of each step's rollouts"
         if self.reward_dataset is not None:
@@ -201,25 +411,49 @@ class ToyReport(ABC):
         plot_curves(curves, out / "reward_curve.png", title=title)
         tags = [k for k, v in self.curve[0][1].items() if isinstance(v, float)]
         plot_curves(
-            {tag: [(step, result[tag]) for step, result in self.curve] for tag in tags},
+            {tag: [(step, result[tag]) for step, result, _ in self.curve] for tag in tags},
             out / "accuracy_curve.png",
             title=f"toy accuracy on {'held-out' if self.split == 'test' else 'training'} prompts",
         )
         before_after_grid(
             self.grid_prompts, self.grid_images["before"], self.grid_images["after"], out / "before_after.png"
         )
-        curve = [
-            {"step": step, **{k: v for k, v in result.items() if isinstance(v, float) or k == "rewards"}}
-            for step, result in self.curve
-        ]
+        curve = []
+        for step, result, change in self.curve:
+            point = {
+                "step": step,
+                **{k: v for k, v in result.items() if isinstance(v, float) or k == "rewards"},
+            }
+            if change is not None:
+                point["change"], point["change_se"] = (
+                    change["overall"]["value"],
+                    change["overall"]["paired_se"],
+                )
+            curve.append(point)
+        deltas = {}
+        if "before" in self.reward_samples and "after" in self.reward_samples:
+            delta, se = reward_deltas(self.reward_samples["before"], self.reward_samples["after"])
+            deltas = {"rewards_delta": delta, "rewards_delta_se": se}
         path = write_accuracy_report(
-            out, {k: self.results[k] for k in ("before", "after")}, split=self.split, curve=curve
+            out,
+            {k: {**self.results[k], "records": self.records[k]} for k in ("before", "after")},
+            split=self.split,
+            difference=paired_difference(self.records["before"], self.records["after"]),
+            noise_floor=self.noise_floor,
+            noise_floor_hint=NOISE_FLOOR_HINT,
+            sampler=self.sampler,
+            protocol=self.protocol.to_dict(),
+            **deltas,
+            curve=curve,
         )
         print(path.read_text())
         print(
             f"wrote {out / 'reward_curve.png'}, {out / 'accuracy_curve.png'}, {out / 'before_after.png'} and the "
             f"LoRA adapter in {out}"
         )
+
+
+NOISE_FLOOR_HINT = "--toy_noise_floor_seeds 5 measures it; examples/evaluate.py does by default"
 
 
 class AccuracyCurve(TrainerCallback):
@@ -239,12 +473,7 @@ def train_with_report(trainer: Trainer, script_args: ScriptArguments, report_cla
     args = trainer.args
     report = None
     if report_class is not None:
-        report = report_class(
-            trainer,
-            script_args.toy_eval_prompts_per_tag,
-            script_args.toy_eval_split,
-            reward_prompts=script_args.toy_eval_reward_prompts,
-        )
+        report = report_class(trainer, script_args)
         report.measure("before")
         if script_args.toy_eval_steps:
             trainer.add_callback(AccuracyCurve(report, script_args.toy_eval_steps))

@@ -37,17 +37,18 @@ def run(
 
 
 class FlowToyReport(ToyReport):
-    """The toy report of a flow pipeline: :func:`evaluate_flow_pipeline` and a grid of 8 held-out prompts."""
+    """The toy report of a flow pipeline: :func:`evaluate_flow_pipeline` under the protocol, with the deterministic
+    sampler (the pipeline's ODE at ``eval_num_inference_steps``, the default) or the training rollout sampler
+    (``num_inference_steps``; Flow-GRPO's SDE window and noise level, DiffusionNFT's ODE), and a grid of 8 held-out
+    prompts."""
 
-    def __init__(
-        self, trainer: FlowGRPOTrainer, prompts_per_tag: int, split: str = "test", reward_prompts: int = 0
-    ):
+    def __init__(self, trainer: FlowGRPOTrainer | DiffusionNFTTrainer, script_args: ScriptArguments):
         from trl_intrinsic.toyworld import sample_metadata
 
-        super().__init__(trainer, prompts_per_tag, split, reward_prompts)
-        self.grid_prompts = [m["prompt"] for m in sample_metadata(GRID_SIZE, seed=1234, split=split)]
+        super().__init__(trainer, script_args)
+        self.grid_prompts = [m["prompt"] for m in sample_metadata(GRID_SIZE, seed=1234, split=self.split)]
 
-    def sample(self, grid: bool) -> tuple[dict, list[str], list]:
+    def sample(self, protocol, grid: bool) -> tuple[dict, list[str], list]:
         from trl_intrinsic.toyworld.evaluation import evaluate_flow_pipeline
 
         args, pipe = self.trainer.args, self.trainer.pipeline
@@ -59,14 +60,25 @@ class FlowToyReport(ToyReport):
         }
         if args.max_sequence_length is not None:  # else the pipeline's default, as in training
             sampling["max_sequence_length"] = args.max_sequence_length
+        if args.negative_prompt:
+            sampling["negative_prompt"] = args.negative_prompt
+        rollout = None
+        if self.sampler == "rollout":  # DiffusionNFT samples its rollouts with the ODE (no noise level)
+            sampling["num_inference_steps"] = args.num_inference_steps
+            rollout = {
+                "noise_level": getattr(args, "noise_level", 0.0),
+                "sde_type": getattr(args, "sde_type", "flow_sde"),
+                "sde_window_size": getattr(args, "sde_window_size", 0),
+                "sde_window_range": getattr(args, "sde_window_range", None),
+            }
         was_training = pipe.transformer.training
         pipe.transformer.eval()
         scores = evaluate_flow_pipeline(
-            pipe, n_per_tag=self.prompts_per_tag, seed=0, split=self.split, **sampling
+            pipe, protocol=protocol, sampler=self.sampler, rollout=rollout, **sampling
         )
         images = []
         if grid:
-            generator = torch.Generator().manual_seed(0)
+            generator = torch.Generator().manual_seed(protocol.seed)
             images = pipe(self.grid_prompts, generator=generator, **sampling).images
         pipe.transformer.train(was_training)
         return scores, self.grid_prompts, images

@@ -6,7 +6,9 @@
     python examples/train_iris.py --model_name_or_path path/to/janus --dataset_name toyworld --max_steps 10
 
 Without ``--config`` and ``--model_name_or_path`` it trains the shipped toy Janus with
-``examples/configs/toy_iris.yaml`` and reports toy accuracy before and after on held-out prompts.
+``examples/configs/toy_iris.yaml`` and reports toy accuracy before and after on held-out prompts, paired under
+the toy world's evaluation protocol (the change per tag with its paired SE; ``--toy_noise_floor_seeds 5`` also
+measures the evaluation noise floor).
 Rewards are names from ``trl_intrinsic.rewards`` (``nsc_reward`` by default; ``verifier_reward`` scores
 toy-world images). ``--model_name_or_path`` may also be a text causal LM, which trains with
 self-certainty rewards on the prompts as text completions.
@@ -32,9 +34,12 @@ class IrisScriptArguments(ScriptArguments):
 
 
 class JanusToyReport(ToyReport):
-    """The toy report of a Janus model, sampled as the trainer's rollouts are (CoT, guidance, temperatures)."""
+    """The toy report of a Janus model under the protocol, sampled as the trainer's rollouts are (CoT, guidance,
+    temperatures): the IRIS rollout is the only Janus sampler (``"rollout"``)."""
 
-    def sample(self, grid: bool) -> tuple[dict, list[str], list]:
+    samplers = ("rollout",)
+
+    def sample(self, protocol, grid: bool) -> tuple[dict, list[str], list]:
         from trl_intrinsic.toyworld.evaluation import evaluate_janus
 
         args = self.trainer.args
@@ -45,9 +50,7 @@ class JanusToyReport(ToyReport):
         scores = evaluate_janus(
             model,
             self.trainer.processing_class,
-            n_per_tag=self.prompts_per_tag,
-            seed=0,
-            split=self.split,
+            protocol=protocol,
             use_cot=args.use_cot,
             cot_template=args.cot_template,
             return_samples=True,

@@ -76,12 +76,27 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
     report = tmp_path / "report"
     evaluation = [
         sys.executable, str(EXAMPLES / "evaluate.py"), "--model", str(model), "--adapter", str(out),
-        "--prompts-per-tag", "1", "--num-inference-steps", "2", "--output-dir", str(report),
+        "--prompts-per-tag", "1", "--samples-per-tag", "2", "--noise-floor-seeds", "2",
+        "--num-inference-steps", "2", "--output-dir", str(report),
     ]  # fmt: skip
-    subprocess.run(evaluation, check=True, capture_output=True, cwd=tmp_path)
+    result = subprocess.run(evaluation, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((report / "toy_accuracy.json").read_text())
-    assert set(scores["base"]) >= {"overall", "counting", "position"} and "adapter" in scores
-    assert "| overall |" in (report / "toy_accuracy.md").read_text()
+    assert (
+        set(scores["base"]) >= {"overall", "counting", "position", "counts", "prompts"}
+        and "adapter" in scores
+    )
+    assert scores["base"]["counts"]["counting"] == 2 and scores["base"]["prompts"]["counting"] == 1
+    # Paired: base and adapter on the same samples; the change per tag with its SE and flips.
+    assert scores["difference_of"] == "adapter - base" and scores["sampler"] == "deterministic"
+    overall = scores["difference"]["overall"]
+    assert overall["n"] == 2 * len(scores["base"]["counts"])
+    assert overall["value"] == pytest.approx(scores["adapter"]["overall"] - scores["base"]["overall"])
+    assert scores["noise_floor"]["n_seeds"] == 2 and scores["noise_floor"]["seeds"] == [10_000, 10_001]
+    assert scores["protocol"]["seed"] == 10_000
+    markdown = (report / "toy_accuracy.md").read_text()
+    assert "| overall |" in markdown and "paired SE" in markdown and "noise floor: SD" in markdown
+    assert "adapter − base, overall:" in result.stdout
 
 
 @pytest.mark.slow
@@ -90,9 +105,13 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
     from PIL import Image
 
     out = tmp_path / "out"
+    # Flow-GRPO's report samples with the training rollout sampler (its SDE window) and skips the noise floor;
+    # SOLACE's with the deterministic sampler and measures the noise floor over two evaluation seeds.
+    evaluation = ["--toy_eval_sampler", "rollout"] if "grpo" in script else ["--toy_noise_floor_seeds", "2"]
     command = [
         sys.executable, str(EXAMPLES / script), "--output_dir", str(out), "--max_steps", "2",
-        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
+        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--toy_eval_samples_per_tag", "2",
+        "--num_train_prompts", "8", *evaluation,
         "--num_generations", "2", "--per_device_train_batch_size", "4", "--num_inference_steps", "3",
         "--eval_num_inference_steps", "3", "--toy_eval_reward_prompts", "2",
         *(["--solace_num_probes", "2"] if "solace" in script else []),
@@ -101,11 +120,41 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "toy accuracy before" in result.stdout and "toy accuracy after" in result.stdout
+    assert "change from before, overall:" in result.stdout
     report = json.loads((out / "toy_accuracy.json").read_text())
     for name in ("before", "after"):
         assert 0.0 <= report[name]["overall"] <= 1.0 and set(report[name]["counts"].values()) == {2}
+        assert set(report[name]["prompts"].values()) <= {1, 2} and report[name]["prompts"]["position"] == 2
+    # The paired change per tag and overall, the sampler, the protocol, the noise floor (or null).
+    difference = report["difference"]
+    assert (
+        set(difference) == {*report["before"]["counts"], "overall"}
+        and report["difference_of"] == "after - before"
+    )
+    for entry in difference.values():
+        assert {
+            "value",
+            "paired_se",
+            "n",
+            "prompts",
+            "wrong_to_right",
+            "right_to_wrong",
+            "flip_p_value",
+        } <= set(entry)
+    assert difference["overall"]["value"] == pytest.approx(
+        report["after"]["overall"] - report["before"]["overall"]
+    )
+    assert report["sampler"] == ("rollout" if "grpo" in script else "deterministic")
+    assert report["protocol"]["n_samples"] == 2 * len(report["before"]["counts"])
+    if "grpo" in script:
+        assert report["noise_floor"] is None and "noise floor: not measured" in result.stdout
+    else:
+        assert report["noise_floor"]["n_seeds"] == 2 and report["noise_floor"]["sd"] >= 0.0
+    samples = (out / "toy_accuracy_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * report["protocol"]["n_samples"]
     assert [point["step"] for point in report["curve"]] == [0, 1, 2]  # before, step 1, after
     assert report["curve"][0]["overall"] == report["before"]["overall"]
+    assert report["curve"][-1]["change"] == pytest.approx(difference["overall"]["value"])
     # Both training steps are logged, also the one measured in the middle of training (evaluate() inside a
     # step must not swallow the step's own log).
     assert (result.stdout + result.stderr).count("'policy_loss'") == 2
@@ -113,8 +162,13 @@ def test_example_on_the_shipped_toy_model_writes_its_report(tmp_path, script):
     for point in report["curve"]:  # the trained reward on fixed held-out prompts, at every measurement
         assert set(point["rewards"]) == {reward} and math.isfinite(point["rewards"][reward])
     assert report["after"]["rewards"] == report["curve"][-1]["rewards"]
+    # Its paired change over the fixed prompts' samples, with its SE clustered by prompt.
+    assert set(report["rewards_delta"]) == {reward} and set(report["rewards_delta_se"]) == {reward}
+    assert report["rewards_delta"][reward] == pytest.approx(
+        report["after"]["rewards"][reward] - report["before"]["rewards"][reward], abs=1e-5
+    )
     markdown = (out / "toy_accuracy.md").read_text()
-    assert "| overall |" in markdown and f"| {reward} |" in markdown
+    assert "| overall |" in markdown and f"| {reward} |" in markdown and "paired SE" in markdown
     for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
         with Image.open(out / png) as image:
             assert image.width > 100 and image.height > 100
@@ -172,8 +226,9 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     out = tmp_path / "out"
     command = [
         sys.executable, str(EXAMPLES / "train_iris.py"), "--output_dir", str(out), "--max_steps", "2",
-        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--num_train_prompts", "8",
-        "--num_generations", "2", "--per_device_train_batch_size", "4", "--toy_eval_reward_prompts", "2",
+        "--toy_eval_steps", "1", "--toy_eval_prompts_per_tag", "2", "--toy_eval_samples_per_tag", "2",
+        "--num_train_prompts", "8", "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--toy_eval_reward_prompts", "2",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -183,6 +238,8 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
         assert 0.0 <= trained[name]["overall"] <= 1.0 and set(trained[name]["counts"].values()) == {2}
         assert 0.0 <= trained[name]["cot_exact"] <= 1.0  # the CoT is sampled (use_cot: true in toy_iris.yaml)
         assert trained[name]["rewards"]["nsc_reward"] < 0  # NSC on fixed held-out prompts (a negative number)
+    assert trained["sampler"] == "rollout" and "overall" in trained["difference"]
+    assert set(trained["rewards_delta"]) == {"nsc_reward"}
     assert [point["step"] for point in trained["curve"]] == [0, 1, 2]
     assert "| overall |" in (out / "toy_accuracy.md").read_text()
     for png in ("reward_curve.png", "accuracy_curve.png", "before_after.png"):
@@ -195,18 +252,21 @@ def test_train_iris_on_the_shipped_toy_janus_writes_its_report(tmp_path):
     report = tmp_path / "report"
     evaluation = [
         sys.executable, str(EXAMPLES / "evaluate.py"), "--model", "toy-janus", "--adapter", str(out),
-        "--prompts-per-tag", "2", "--output-dir", str(report),
+        "--prompts-per-tag", "2", "--samples-per-tag", "2", "--noise-floor-seeds", "0", "--output-dir", str(report),
     ]  # fmt: skip
     result = subprocess.run(evaluation, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((report / "toy_accuracy.json").read_text())
-    assert set(scores) >= {"base", "adapter", "split"} and "cot_exact" in scores["adapter"]
-    # Same prompts, seed and sampling settings as the training run's own before/after measurements.
+    assert set(scores) >= {"base", "adapter", "split", "difference"} and "cot_exact" in scores["adapter"]
+    assert scores["noise_floor"] is None and scores["sampler"] == "rollout"
+    # Same protocol (prompts, evaluation seed) and sampling settings as the training run's own before/after
+    # measurements: the same samples, so the same accuracies and the same paired change.
     accuracy = {
         name: {k: v for k, v in trained[name].items() if k != "rewards"} for name in ("before", "after")
     }
     assert scores["base"] == accuracy["before"]
     assert scores["adapter"] == accuracy["after"]
+    assert scores["difference"] == trained["difference"] and scores["protocol"] == trained["protocol"]
 
 
 def test_collect_toy_results_averages_seeds(tmp_path):
@@ -269,6 +329,21 @@ def test_collect_toy_results_averages_seeds(tmp_path):
     assert lines[0] == "| model | runs | counting | position | overall |"
     assert lines[2] == "| base | 2 | 0.200 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |"
     assert lines[-1] == "| iris_cot | nsc_reward | 2 | -22.500 ± 0.707 | -20.000 ± 0.000 | 2.500 ± 0.707 |"
+
+    # Reports of the evaluation protocol carry each run's paired change: a table of its own.
+    paired = tmp_path / "paired"
+    for seed, (value, se) in enumerate([(0.06, 0.02), (0.01, 0.02)]):
+        run = paired / "flow_grpo" / f"seed{seed}"
+        run.mkdir(parents=True)
+        reports = report(0.3, 0.3 + value)
+        reports["difference"] = {"overall": {"value": value, "paired_se": se}}
+        (run / "toy_accuracy.json").write_text(json.dumps(reports))
+    lines = main([str(paired)]).splitlines()
+    assert "| model | runs | change per run (± paired SE) | mean change |" in lines
+    assert (
+        lines[-1]
+        == "| flow_grpo | 2 | +0.060 ± 0.020, +0.010 ± 0.020 (no measurable change) | 0.035 ± 0.035 |"
+    )
 
 
 def test_gradient_snr_measures_independent_gradient_estimates(tmp_path):
