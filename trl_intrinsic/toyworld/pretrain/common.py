@@ -105,8 +105,11 @@ class TrainStream:
 
 
 def format_scores(scores: dict[str, Any]) -> str:
-    """Accuracies of :func:`~trl_intrinsic.toyworld.evaluate` on one line (without the counts)."""
-    return " ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "counts")
+    """Accuracies of :func:`~trl_intrinsic.toyworld.evaluate` on one line (numbers only: no counts, prompts or
+    records)."""
+    return " ".join(
+        f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    )
 
 
 def timed_log(start: float) -> Callable[[str], None]:
