@@ -30,10 +30,13 @@ class FlowGRPOConfig(FlowTrainingConfig):
     `epsilon=1e-4`, `scale_rewards="batch"`; activation checkpointing is off by default.
 
     Parameters:
-        cfg_uncond_gradient (`bool`, *optional*, defaults to `False`):
-            With classifier-free guidance, the trained velocity is `v_u + w·(v_c − v_u)`. Flow-GRPO's reference
-            code stops the gradient through `v_u` (the unconditional prediction), so the update moves the
-            conditional prediction only; `True` back-propagates through both halves.
+        cfg_uncond_gradient (`bool`, *optional*, defaults to `True`):
+            With classifier-free guidance, the trained velocity is `v_u + w·(v_c − v_u)`. `True` back-propagates
+            through both halves. `False` stops the gradient through `v_u` (the unconditional prediction), as
+            Flow-GRPO's reference script does; the forward is the same. On our tiny-pipeline tests the detached
+            half learned about half as fast (brightness: 4.7× against 8.9× the initial spread in 30 updates;
+            SOLACE's ±reward runs did not separate), so the full gradient stays the default until the two are
+            compared on the toy world.
         noise_level (`float`, *optional*, defaults to `0.7`):
             `a` of the SDE: the step std is `a·sqrt(σ/(1−σ))` (`flow_sde`) or `σ'·sin(aπ/2)` (`cps`).
         sde_type (`str`, *optional*, defaults to `"flow_sde"`):
@@ -69,9 +72,9 @@ class FlowGRPOConfig(FlowTrainingConfig):
     )
 
     cfg_uncond_gradient: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Back-propagate through the unconditional half of CFG in training (the reference detaches it)."
+            "help": "Back-propagate through the unconditional half of CFG in training (False: detach it, as the reference)."
         },
     )
 
