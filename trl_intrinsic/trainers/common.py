@@ -644,7 +644,8 @@ class FlowTrainerBase(_BaseTrainer):
         ]
 
     def _generate_and_score(self, inputs: list[dict], mode: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """Sample and score one generation batch (``mode`` "train" or "eval"); the algorithm's own step."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `_generate_and_score`, its rollout step.")
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"

@@ -28,11 +28,11 @@ import torch
 
 from trl_intrinsic.flow.rollout import sde_window, train_step_indices
 from trl_intrinsic.flow.sde import sde_step_with_logprob
-from trl_intrinsic.trainers.common import FlowTrainerBase, image_grid
+from trl_intrinsic.trainers.common import FlowTrainerBase
 from trl_intrinsic.trainers.flow_grpo_config import FlowGRPOConfig
 from trl_intrinsic.trainers.grpo_math import clipped_policy_loss, combine_rewards, gaussian_mean_kl
 
-__all__ = ["FlowGRPOTrainer", "image_grid"]
+__all__ = ["FlowGRPOTrainer"]
 
 
 class FlowGRPOTrainer(FlowTrainerBase):
