@@ -63,3 +63,155 @@ def test_learning_speed_summary_pairs_every_point_with_the_base(tmp_path):
     merged = bench.main(["--merge", *parts, "--cpu-minutes", "2", "--output", str(tmp_path / "merged")])
     assert len(merged["runs"]) == 2 and merged["command"] == ["c0", "c1"]
     assert "| a | 2 |" in (tmp_path / "merged.md").read_text()
+
+
+def _bench_vs_official():
+    sys.path.insert(0, str(BENCHMARKS))
+    import _vs_official_worker as worker
+    import bench_vs_official as bench
+
+    return bench, worker
+
+
+def test_vs_official_floor_times_the_bare_calls_of_the_work():
+    from trl_intrinsic.testing import tiny_sd3_pipeline
+
+    _, worker = _bench_vs_official()
+    pipeline = tiny_sd3_pipeline()
+    worker.prepare_floor_model(pipeline, rank=4)
+    work = worker.WORKS["solace"]
+    floor = worker.measure_floor(pipeline, work, batch=8, probe_chunk=64, max_calls=1, warmup=0)
+    # 4 micro-batches of 8 images: 40 sampling forwards and 20 + 20 training ones of 16 rows (CFG); 1280 probe rows.
+    assert {p: (v["calls"], v["rows"]) for p, v in floor["phases"].items()} == {
+        "sample": (40, 16),
+        "train_grad": (20, 16),
+        "train_nograd": (20, 16),
+        "reward": (20, 64),
+    }
+    assert all(v["median_call_s"] > 0 and v["total_cpu_s"] > 0 for v in floor["phases"].values())
+    assert floor["total_s"] == pytest.approx(sum(v["total_s"] for v in floor["phases"].values()))
+    assert worker.WORKS["flowgrpo"].forwards(16, 128) == {
+        "sample": (20, 32),
+        "train_grad": (18, 32),
+        "train_nograd": (18, 32),
+    }
+
+
+def test_vs_official_official_batch_flags_keep_the_work():
+    bench, _ = _bench_vs_official()
+    assert bench.official_flags(8) == []
+    assert bench.official_flags(16) == [
+        "--config.sample.train_batch_size=16",
+        "--config.sample.num_batches_per_epoch=2",
+        "--config.train.batch_size=16",
+        "--config.train.gradient_accumulation_steps=1",
+    ]
+    with pytest.raises(ValueError, match="even number of batches"):
+        bench.official_flags(32)  # one batch per epoch cannot give two optimizer steps
+
+
+def test_vs_official_fails_clearly_without_the_harness_or_the_snapshots(tmp_path):
+    bench, _ = _bench_vs_official()
+    with pytest.raises(SystemExit, match="harness that runs the official scripts is missing"):
+        bench.check_harness(tmp_path)
+    with pytest.raises(SystemExit, match="Fetch github:yifan123/flow_grpo"):
+        bench.find_snapshot("flowgrpo", tmp_path)
+    with pytest.raises(SystemExit, match="Fetch github:wookiekim/SOLACE"):
+        bench.find_snapshot("solace", None)
+
+
+def _epoch(wall, sampling, training, cpu=None, optimizer_steps=2, batch=8):
+    rows = 2 * batch
+    calls = 32 // batch
+    return {
+        "wall_s": wall, "wall_cpu_s": cpu or wall, "sampling_s": sampling, "sampling_cpu_s": sampling,
+        "reward_s": 0.01, "reward_cpu_s": 0.01, "training_s": training, "training_cpu_s": training,
+        "other_s": wall - sampling - training - 0.01, "other_cpu_s": None, "vae_rows": 32,
+        "optimizer_steps": optimizer_steps,
+        "forwards": {
+            "sample": {"calls": 10 * calls, "rows": 10 * calls * rows},
+            "train_grad": {"calls": 9 * calls, "rows": 9 * calls * rows},
+            "train_nograd": {"calls": 9 * calls, "rows": 9 * calls * rows},
+        },
+    }  # fmt: skip
+
+
+def _floor(total):
+    phases = {p: {"calls": 40, "rows": 16, "total_s": total / 3, "total_cpu_s": total / 3, "median_call_s": 0.1}
+              for p in ("sample", "train_grad", "train_nograd")}  # fmt: skip
+    return {"batch": 8, "probe_chunk": 64, "phases": phases, "total_s": total, "total_cpu_s": total}
+
+
+def test_vs_official_summary_ratios_verdicts_and_table():
+    bench, _ = _bench_vs_official()
+    runs = []
+    for pair, (ours, shipped, fast, floor) in enumerate([(6.0, 12.0, 10.0, 5.0), (6.6, 12.0, 10.0, 5.5)]):
+        common = {"work": "flowgrpo", "threads": 1, "pair": pair, "status": "ok", "uptime_before": "load average: 1.00, 1.00, 1.00"}  # fmt: skip
+        runs += [
+            {**common, "name": "ours", "max_rss_mb": 700.0, "epochs": [_epoch(ours, 2.0, ours - 2.5)] * 3},
+            {
+                **common,
+                "name": "official_b8",
+                "max_rss_mb": 1000.0,
+                "epochs": [_epoch(shipped, 4.0, 7.9)] * 3,
+            },
+            {
+                **common,
+                "name": "official_b16",
+                "max_rss_mb": 1200.0,
+                "epochs": [_epoch(fast, 3.0, 6.9, optimizer_steps=1, batch=16)] * 3,
+            },
+            {**common, "name": "floor", "floors": [_floor(floor)]},
+        ]
+    (config,) = bench.summarize(runs, [8, 16])
+    shipped, fast = config["ratios"]["official_b8"], config["ratios"]["official_b16"]
+    assert shipped["epoch"] == pytest.approx(6.3 / 12.0) and shipped["pairs"] == pytest.approx([0.5, 0.55])
+    assert fast["epoch"] == pytest.approx(0.63) and fast["faster"] == "yes"
+    assert config["official_fastest"] == "official_b16"
+    assert config["floor_multiple"]["ours_pairs"] == pytest.approx([1.2, 1.2])
+    assert {t["target"].split(" than")[0]: t["verdict"] for t in config["targets"]} == {
+        "≥ 1.5× faster per epoch": "met",
+        "faster per epoch": "met",
+        "our epoch ≤ 1.3× the floor": "met",
+        "peak RSS no higher": "met",
+    }
+    assert "optimizer steps/epoch: ours [2] vs official [1]" in config["mismatches"]["official_b16"]
+    assert "sample batching (same rows): ours 40×16 vs official 20×32" in config["mismatches"]["official_b16"]
+    assert config["mismatches"]["official_b8"] == []
+    assert bench.verdict([0.6, 0.7], 1 / 1.5) == "unclear (pairs on both sides)"
+
+    settings = {"quick": False, "pairs": 2, "epochs": 4, "threads": [1], "official_batches": [8, 16]}
+    result = {"date": "2026-01-01", "command": "python benchmarks/bench_vs_official.py", "nproc": 2,
+              "commits": {"flowgrpo": "ac4c86e0"}, "settings": settings, "configs": [config]}  # fmt: skip
+    table = bench.markdown(result)
+    assert "| flowgrpo | 1 | official_b8 | **0.53** | 0.50–0.55 | yes |" in table
+    assert "| flowgrpo | 1 | ours | 6 | 6.30 (6.00–6.60) |" in table
+    assert "**1.20** (1.20–1.20)" in table
+
+
+def test_vs_official_profile_categories():
+    bench, _ = _bench_vs_official()
+    loop = "Trainer._inner_training_loop (t.py:1);FlowGRPOTrainer.training_step (f.py:158)"
+    step = loop + ";FlowTrainerBase._backward_pieces (c.py:879);FlowGRPOTrainer._timestep_loss (f.py:{line})"
+    forward = (
+        ";FlowGRPOTrainer._replay_step (f.py:169);StableDiffusion3Adapter._transformer_forward (p.py:355)"
+    )
+    lines = [
+        step.format(line=192) + forward + " 30",
+        step.format(line=211) + forward + " 20",
+        step.format(line=200) + ";clipped_policy_loss (g.py:103) 2",
+        loop
+        + ";FlowTrainerBase._backward_pieces (c.py:885);Tensor.backward (t.py:1);_engine_run_backward (g.py:9) 25",
+        loop
+        + ";FlowGRPOTrainer._generate_and_score (f.py:114);FlowTrainerBase._sample_rollouts (c.py:724)"
+        + ";sample_trajectories (r.py:1);StableDiffusion3Adapter._transformer_forward (p.py:355) 40",
+        "importlib (x.py:1) 1",
+    ]
+    assert bench.categorize_profile(lines) == {
+        "training: policy forward (transformer)": 30,
+        "training: reference forward (transformer)": 20,
+        "training: SDE log-prob, loss, KL, metrics": 2,
+        "training: backward": 25,
+        "sampling: transformer forwards": 40,
+        "outside the training loop": 1,
+    }

@@ -1,0 +1,929 @@
+"""Our FlowGRPOTrainer against the official research scripts on the same work, and against the floor.
+
+    python benchmarks/bench_vs_official.py --work both --threads 1 2 --pairs 3   # about 1 h on 2 CPU cores
+    python benchmarks/bench_vs_official.py --quick                               # minutes; a smoke test
+    python benchmarks/bench_vs_official.py --profile --work both                 # py-spy profile of our epochs
+    python benchmarks/bench_vs_official.py --from-raw benchmarks/results/vs_official.json   # re-summarise
+
+The official side is the **unmodified** ``scripts/train_sd3.py`` of ``yifan123/flow_grpo`` (``--work
+flowgrpo``) and ``scripts/train_sd3_self.py`` of ``wookiekim/SOLACE`` (``--work solace``), run on CPU by the
+harness in ``../shared/perf_vs_official/flowgrpo_baseline`` (beside the repository; ``--harness``) from
+fetched snapshots of those repositories (``--mirror-root``, or ``MIRROR_ROOT``: the folder holding
+``yifan123+flow_grpo/repo`` and ``wookiekim+SOLACE/repo``). Neither is part of this repository; without them
+the script stops and says what is missing.
+
+Per work and thread count, each *pair* runs, in a fresh process each and in an order that rotates from
+pair to pair: our trainer (``_vs_official_worker.py ours``, through the public API), the official script at
+its shipped batch settings (8 images per sampling and training batch), at every other batch setting of
+``--official-batches`` (16: the same images, forwards of twice the rows, the same optimizer steps), and the
+floor (``_vs_official_worker.py floor``: the bare transformer forwards and backwards of one epoch at the
+batch sizes used). Each training run does ``--epochs`` epochs; epoch 0 (warm-up) is not counted. Reported:
+medians over the counted epochs of every pair, per phase (sampling, reward, training, other) and per epoch,
+with CPU seconds, peak RSS and transformer forwards; ratios ours / official from the same pairs (the median
+over all epochs, and the range of the per-pair ratios); our epoch as a multiple of the floor. Writes
+``benchmarks/results/vs_official.{json,md}`` (``vs_official_profile.*`` with ``--profile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS_DIR, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "_vs_official_worker.py"
+DEFAULT_HARNESS = ROOT.parent / "shared" / "perf_vs_official"
+OFFICIAL = {  # work -> (snapshot folder under the mirror root, script, repository)
+    "flowgrpo": ("yifan123+flow_grpo", "scripts/train_sd3.py", "yifan123/flow_grpo"),
+    "solace": ("wookiekim+SOLACE", "scripts/train_sd3_self.py", "wookiekim/SOLACE"),
+}
+SHIPPED_BATCH = 8
+IMAGES_PER_EPOCH = 32
+PHASES = ("sampling", "reward", "training", "other")
+FORWARD_PHASES = ("sample", "reward", "train_grad", "train_nograd")
+TARGET_SPEEDUP = 1.5
+TARGET_FLOOR_MULTIPLE = 1.3
+KNOWN_DIFFERENCES = {
+    "flowgrpo": [
+        "CFG in training: ours back-propagates through both halves (`cfg_uncond_gradient=True`, the default); "
+        "the official script detaches the unconditional half. Same forwards; the backward runs through the "
+        "whole batched forward either way.",
+        "EMA of the LoRA weights: the official script keeps one (decay 0.9, every 8 steps); FlowGRPOTrainer has "
+        "none (254k parameters, a negligible cost).",
+        "Text encoding: ours encodes each unique prompt once per epoch; the official script encodes every image's "
+        "prompt (not transformer work).",
+    ],
+    "solace": [
+        "VAE decoding: the official script decodes all 32 images (its pipeline always does), which no reward "
+        "uses; ours skips decoding (`SolaceReward.requires_images = False`).",
+        "SOLACE normalisation set: the authors standardise the per-step scores over one sampling batch (8 "
+        "images); ours over the reward call (the 32 images of the epoch). At official batch 16 the authors' set "
+        "is 16 images. Same forwards; different reward values.",
+        "SOLACE probes: ours shares the K probes within a prompt group (the paper); the authors draw them per "
+        "image. Same forwards.",
+        "CFG in training and EMA: as for Flow-GRPO.",
+    ],
+}
+
+
+# ---------------------------------------------------------------------------------------------- running
+def subprocess_env(repo: Path) -> dict[str, str]:
+    """Environment of every measured process: offline, no telemetry, this checkout's package first."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+        PYTHONPATH=os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p),
+    )  # fmt: skip
+    return env
+
+
+def find_snapshot(work: str, mirror_root: Path | None) -> tuple[Path, str]:
+    """The git directory of the fetched official repository for ``work`` and its commit; exits if absent."""
+    folder, script, repository = OFFICIAL[work]
+    candidates = [mirror_root / folder / "repo", mirror_root / folder] if mirror_root else []
+    for candidate in candidates:
+        ok = subprocess.run(
+            ["git", "--git-dir", str(candidate), "cat-file", "-e", f"HEAD:{script}"], capture_output=True
+        )
+        if candidate.is_dir() and ok.returncode == 0:
+            commit = subprocess.run(
+                ["git", "--git-dir", str(candidate), "rev-parse", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            return candidate, commit
+    sys.exit(
+        f"bench_vs_official: no snapshot of {repository} with {script} under --mirror-root="
+        f"{mirror_root or '<unset>'}. Fetch github:{repository} (a snapshot lands in a folder such as "
+        f"<mirror root>/{folder}/repo) and pass the mirror root as --mirror-root or MIRROR_ROOT."
+    )
+
+
+def check_harness(harness: Path) -> None:
+    """Exit with a clear message if the harness that runs the official scripts is not there."""
+    needed = [harness / "flowgrpo_baseline" / name for name in ("run.sh", "make_prompts.py", "cpu_config.py")]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        sys.exit(
+            "bench_vs_official: the harness that runs the official scripts is missing "
+            f"({', '.join(missing)}). It lives in ../shared/perf_vs_official beside the repository; pass its "
+            "location as --harness."
+        )
+
+
+def official_flags(batch: int) -> list[str]:
+    """absl flags that set the official script's batch knobs to ``batch`` images per sampling and training batch,
+    keeping the work: 32 images per epoch (``num_batches_per_epoch``), the script's training batches (it
+    re-batches its samples into ``num_batches_per_epoch`` batches) and the optimizer steps per epoch
+    (``gradient_accumulation_steps`` = batches / 2)."""
+    if batch == SHIPPED_BATCH:
+        return []
+    batches = IMAGES_PER_EPOCH // batch
+    if IMAGES_PER_EPOCH % batch or batches % 2:
+        raise ValueError(f"official batch {batch}: 32 / batch must be an even number of batches (4, 8 or 16)")
+    return [
+        f"--config.sample.train_batch_size={batch}", f"--config.sample.num_batches_per_epoch={batches}",
+        f"--config.train.batch_size={batch}", f"--config.train.gradient_accumulation_steps={batches // 2}",
+    ]  # fmt: skip
+
+
+def official_epochs(timing: dict[str, Any], first_epoch: int = 1) -> list[dict[str, Any]]:
+    """Per-epoch records of the harness's ``timing.json`` in the workers' format (epochs ≥ ``first_epoch``).
+
+    Sampling excludes a reward computed inside the sampling loop (SOLACE's probes); reward = that inline
+    reward + the time spent waiting for the reward thread pool (Flow-GRPO's jpeg reward runs beside
+    sampling); other = what lies between the phases (advantages, statistics).
+    """
+    records = []
+    for key, e in sorted(timing.get("epochs", {}).items(), key=lambda kv: int(kv[0])):
+        if int(key) < first_epoch:
+            continue
+        inline, inline_cpu = e.get("reward_inline_s") or 0.0, e.get("reward_inline_cpu_s") or 0.0
+        records.append(
+            {
+                "wall_s": e["epoch_wall_s"], "wall_cpu_s": e.get("epoch_cpu_s"),
+                "sampling_s": round(e["sampling_phase_s"] - inline, 4),
+                "sampling_cpu_s": round(e.get("sampling_phase_cpu_s", 0.0) - inline_cpu, 4),
+                "reward_s": round(inline + (e.get("reward_wait_s") or 0.0), 4), "reward_cpu_s": inline_cpu,
+                "training_s": e["training_s"], "training_cpu_s": e.get("training_cpu_s"),
+                "other_s": e["other_s"], "other_cpu_s": None,
+                "forwards": e["transformer_forwards"], "vae_rows": e["images"],
+                "optimizer_steps": e["optimizer_steps"],
+            }
+        )  # fmt: skip
+    return records
+
+
+class Runner:
+    """Runs the measured processes of one benchmark invocation and keeps their logs in ``scratch``."""
+
+    def __init__(self, args: argparse.Namespace, scratch: Path):
+        self.args, self.scratch = args, scratch
+        self.env = subprocess_env(ROOT)
+        self.pipe = scratch / "toy_pipe"
+        self.dataset = scratch / "dataset"
+        self.snapshots: dict[str, tuple[Path, str]] = {}
+
+    def _run(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+        with open(log, "w") as f:
+            try:
+                done = subprocess.run(
+                    argv, stdout=f, stderr=subprocess.STDOUT, env=env or self.env, timeout=3600
+                )
+            except subprocess.TimeoutExpired:
+                return -1
+        return done.returncode
+
+    def prepare(self, works: list[str]) -> None:
+        """Check the harness and the snapshots, save the toy pipeline and write the prompt set."""
+        check_harness(self.args.harness)
+        for work in works:
+            self.snapshots[work] = find_snapshot(work, self.args.mirror_root)
+        if self._run([sys.executable, str(WORKER), "save-pipe", str(self.pipe)], self.scratch / "pipe.log"):
+            sys.exit(f"bench_vs_official: could not save the toy pipeline (see {self.scratch / 'pipe.log'})")
+        make_prompts = self.args.harness / "flowgrpo_baseline" / "make_prompts.py"
+        if self._run([sys.executable, str(make_prompts), str(self.dataset)], self.scratch / "prompts.log"):
+            sys.exit(f"bench_vs_official: make_prompts.py failed (see {self.scratch / 'prompts.log'})")
+
+    def ours(self, work: str, threads: int, tag: str, pyspy: Path | None = None) -> dict[str, Any]:
+        out = self.scratch / f"{tag}.json"
+        argv = [
+            sys.executable, str(WORKER), "ours", "--work", work, "--pipe", str(self.pipe),
+            "--prompts", str(self.dataset / "train.txt"), "--threads", str(threads),
+            "--epochs", str(self.args.epochs), "--batch", str(SHIPPED_BATCH), "--out", str(out),
+        ]  # fmt: skip
+        if pyspy is not None:
+            argv += ["--pyspy", str(pyspy)]
+        rc = self._run(argv, self.scratch / f"{tag}.log")
+        if rc or not out.is_file():
+            return {"side": "ours", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
+        result = json.loads(out.read_text())
+        result["epochs"] = result["epochs"][1:]
+        return result
+
+    def official(self, work: str, threads: int, batch: int, tag: str) -> dict[str, Any]:
+        git_dir, commit = self.snapshots[work]
+        run_dir = self.scratch / tag
+        env = dict(self.env)
+        env.update(
+            MODE=work, EPOCHS=str(self.args.epochs), REPORT_EPOCH="1", THREADS=str(threads), PY=sys.executable,
+            FGB_PIPE=str(self.pipe), FGB_OUT=str(run_dir), FGB_SRC=str(self.scratch / f"src_{work}"),
+            FGB_GIT_DIR=str(git_dir), TMPDIR=str(self.scratch),
+        )  # fmt: skip
+        flags = official_flags(batch)
+        argv = [
+            "bash",
+            str(self.args.harness / "flowgrpo_baseline" / "run.sh"),
+            *(["--", *flags] if flags else []),
+        ]
+        rc = self._run(argv, self.scratch / f"{tag}.log", env)
+        timing_file = run_dir / "timing.json"
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+        if timing.get("status") != "ok":
+            return {"side": "official", "status": f"failed (exit {rc}, log {run_dir / 'train.log'})"}
+        return {
+            "side": "official", "status": "ok", "batch": batch, "flags": flags, "commit": commit,
+            "script": OFFICIAL[work][1], "torch_threads": timing.get("torch_threads"),
+            "startup_s": timing.get("startup_s"), "max_rss_mb": timing.get("max_rss_mb"),
+            "loadavg_start": [round(x, 2) for x in timing.get("loadavg_start", [])],
+            "loadavg_end": [round(x, 2) for x in timing.get("loadavg_end", [])],
+            "epochs": official_epochs(timing),
+        }  # fmt: skip
+
+    def floor(self, work: str, threads: int, tag: str) -> dict[str, Any]:
+        out = self.scratch / f"{tag}.json"
+        argv = [
+            sys.executable, str(WORKER), "floor", "--work", work, "--pipe", str(self.pipe),
+            "--threads", str(threads), "--out", str(out),
+            "--batches", *(str(b) for b in self.args.official_batches),
+        ]  # fmt: skip
+        if self.args.quick:
+            argv += ["--max-calls", "3"]
+        rc = self._run(argv, self.scratch / f"{tag}.log")
+        if rc or not out.is_file():
+            return {"side": "floor", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
+        return json.loads(out.read_text())
+
+    def sweep(self, work: str, threads: int, tag: str) -> dict[str, Any]:
+        out = self.scratch / f"{tag}.json"
+        argv = [
+            sys.executable, str(WORKER), "sweep", "--work", work, "--pipe", str(self.pipe),
+            "--threads", str(threads), "--out", str(out), "--rows", "16", "32", "64", "128", "256",
+            "--rounds", "1" if self.args.quick else "3",
+        ]  # fmt: skip
+        rc = self._run(argv, self.scratch / f"{tag}.log")
+        if rc or not out.is_file():
+            return {"side": "sweep", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
+        return json.loads(out.read_text())
+
+
+def uptime() -> str:
+    """``uptime``'s line (the load averages over 1, 5 and 15 minutes)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def side_names(official_batches: list[int]) -> list[str]:
+    return ["ours", *(f"official_b{b}" for b in official_batches), "floor"]
+
+
+def run_pairs(runner: Runner, works: list[str], threads_list: list[int], pairs: int) -> list[dict[str, Any]]:
+    """Every pair of every (work, threads) configuration; the order of the sides rotates from pair to pair."""
+    runs = []
+    names = side_names(runner.args.official_batches)
+    for work in works:
+        for threads in threads_list:
+            for pair in range(pairs):
+                order = names[pair % len(names) :] + names[: pair % len(names)]
+                for name in order:
+                    tag = f"{work}_t{threads}_p{pair}_{name}"
+                    load = uptime()
+                    if name == "ours":
+                        result = runner.ours(work, threads, tag)
+                    elif name == "floor":
+                        result = runner.floor(work, threads, tag)
+                    else:
+                        result = runner.official(work, threads, int(name.removeprefix("official_b")), tag)
+                    result.update(name=name, work=work, threads=threads, pair=pair, uptime_before=load)
+                    runs.append(result)
+                    print(
+                        f"[bench_vs_official] {tag}: {result['status']}  ({load})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    (runner.scratch / "runs.json").write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _forward_signature(epochs: list[dict[str, Any]]) -> dict[str, str]:
+    """``{phase: "calls×rows per call"}`` of the transformer forwards per epoch (all distinct values)."""
+    out = {}
+    for phase in FORWARD_PHASES:
+        seen = Counter()
+        for e in epochs:
+            f = e["forwards"].get(phase) or {"calls": 0, "rows": 0}
+            seen[f"{f['calls']}×{f['rows'] // f['calls']}" if f["calls"] else "–"] += 1
+        out[phase] = " / ".join(sorted(seen))
+    return out
+
+
+def _total_rows(epochs: list[dict[str, Any]], phase: str) -> set[int]:
+    return {(e["forwards"].get(phase) or {"rows": 0})["rows"] for e in epochs}
+
+
+def summarize_side(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians over every counted epoch of the ``ok`` runs of one side, plus per-run medians."""
+    runs = [r for r in runs if r.get("status") == "ok" and r.get("epochs")]
+    if not runs:
+        return None
+    epochs = [e for r in runs for e in r["epochs"]]
+    out: dict[str, Any] = {"runs": len(runs), "epochs": len(epochs)}
+    for phase in ("wall", *PHASES):
+        out[f"{phase}_s"] = _median([e[f"{phase}_s"] for e in epochs])
+        out[f"{phase}_cpu_s"] = _median([e.get(f"{phase}_cpu_s") for e in epochs])
+    out["wall_min_s"] = min(e["wall_s"] for e in epochs)
+    out["wall_max_s"] = max(e["wall_s"] for e in epochs)
+    out["rss_mb"] = _median([r.get("max_rss_mb") for r in runs])
+    out["rss_max_mb"] = max(r.get("max_rss_mb") or 0 for r in runs)
+    out["forwards"] = _forward_signature(epochs)
+    out["rows"] = {phase: sorted(_total_rows(epochs, phase)) for phase in FORWARD_PHASES}
+    out["optimizer_steps"] = sorted({e["optimizer_steps"] for e in epochs})
+    out["vae_rows"] = sorted({e["vae_rows"] for e in epochs})
+    out["per_pair_wall_s"] = {r["pair"]: _median([e["wall_s"] for e in r["epochs"]]) for r in runs}
+    out["per_pair_cpu_s"] = {r["pair"]: _median([e.get("wall_cpu_s") for e in r["epochs"]]) for r in runs}
+    return out
+
+
+def mismatches(ours: dict[str, Any], official: dict[str, Any]) -> list[str]:
+    """Differences of measured work between two sides: transformer rows per phase, batching, optimizer steps,
+    decoded images."""
+    out = []
+    for phase in FORWARD_PHASES:
+        if ours["rows"][phase] != official["rows"][phase]:
+            out.append(
+                f"{phase} rows/epoch: ours {ours['rows'][phase]} vs official {official['rows'][phase]}"
+            )
+        elif ours["forwards"][phase] != official["forwards"][phase]:
+            out.append(
+                f"{phase} batching (same rows): ours {ours['forwards'][phase]} vs official "
+                f"{official['forwards'][phase]}"
+            )
+    if ours["optimizer_steps"] != official["optimizer_steps"]:
+        out.append(
+            f"optimizer steps/epoch: ours {ours['optimizer_steps']} vs official {official['optimizer_steps']}"
+        )
+    if ours["vae_rows"] != official["vae_rows"]:
+        out.append(f"VAE-decoded images/epoch: ours {ours['vae_rows']} vs official {official['vae_rows']}")
+    return out
+
+
+def verdict(pair_values: list[float], limit: float) -> str:
+    """``met`` when every pair is at or below ``limit``, ``not met`` when every pair is above, else ``unclear``."""
+    if not pair_values:
+        return "no data"
+    if max(pair_values) <= limit:
+        return "met"
+    if min(pair_values) > limit:
+        return "not met"
+    return "unclear (pairs on both sides)"
+
+
+def pair_ratios(ours: dict[Any, float | None], other: dict[Any, float | None]) -> list[float]:
+    """``ours[p] / other[p]`` for every pair ``p`` both sides completed."""
+    ratios = [_ratio(ours[p], other[p]) for p in sorted(set(ours) & set(other), key=str)]
+    return [r for r in ratios if r is not None]
+
+
+def faster(pairs: list[float]) -> str:
+    """Whether every pair says ours is faster (``yes``), every pair says slower (``no``), or they disagree."""
+    return {"met": "yes", "not met": "no"}.get(verdict(pairs, 1.0), "unclear")
+
+
+def compare(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Ratios ours / ``other``: epoch wall and CPU time (median of all epochs, and per pair), phases, peak RSS."""
+    pairs = pair_ratios(ours["per_pair_wall_s"], other["per_pair_wall_s"])
+    cpu_pairs = pair_ratios(ours["per_pair_cpu_s"], other["per_pair_cpu_s"])
+    out = {
+        "epoch": _ratio(ours["wall_s"], other["wall_s"]),
+        "pairs": pairs,
+        "cpu": _ratio(ours["wall_cpu_s"], other["wall_cpu_s"]),
+        "cpu_pairs": cpu_pairs,
+        "rss": _ratio(ours["rss_mb"], other["rss_mb"]),
+        "faster": faster(pairs),
+        "faster_cpu": faster(cpu_pairs),
+    }
+    for phase in ("sampling", "reward", "training"):
+        out[phase] = _ratio(ours[f"{phase}_s"], other[f"{phase}_s"]) if other[f"{phase}_s"] else None
+    return out
+
+
+def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Median floor per batch size and phase over the pairs, plus each pair's floor at the shipped batch."""
+    runs = [r for r in runs if r.get("status") == "ok"]
+    if not runs:
+        return None
+    out: dict[str, Any] = {"runs": len(runs), "by_batch": {}, "per_pair_s": {}, "per_pair_cpu_s": {}}
+    batches = sorted({f["batch"] for r in runs for f in r["floors"]})
+    for batch in batches:
+        floors = [f for r in runs for f in r["floors"] if f["batch"] == batch]
+        phases = {
+            phase: {
+                "calls": floors[0]["phases"][phase]["calls"],
+                "rows": floors[0]["phases"][phase]["rows"],
+                "total_s": _median([f["phases"][phase]["total_s"] for f in floors]),
+                "total_cpu_s": _median([f["phases"][phase].get("total_cpu_s") for f in floors]),
+                "median_call_s": _median([f["phases"][phase]["median_call_s"] for f in floors]),
+            }
+            for phase in floors[0]["phases"]
+        }
+        out["by_batch"][str(batch)] = {
+            "total_s": _median([f["total_s"] for f in floors]),
+            "total_cpu_s": _median([f.get("total_cpu_s") for f in floors]),
+            "phases": phases,
+        }
+    for r in runs:
+        shipped = [f for f in r["floors"] if f["batch"] == SHIPPED_BATCH]
+        if shipped:
+            out["per_pair_s"][r["pair"]] = shipped[0]["total_s"]
+            out["per_pair_cpu_s"][r["pair"]] = shipped[0].get("total_cpu_s")
+    return out
+
+
+def summarize(runs: list[dict[str, Any]], official_batches: list[int]) -> list[dict[str, Any]]:
+    """One summary per (work, threads): sides, ratios ours / official, floor multiples and target verdicts."""
+    configs = []
+    for work, threads in dict.fromkeys((r["work"], r["threads"]) for r in runs):
+        mine = [r for r in runs if r["work"] == work and r["threads"] == threads]
+        sides = {
+            name: summarize_side([r for r in mine if r["name"] == name])
+            for name in side_names(official_batches)
+            if name != "floor"
+        }
+        floor = summarize_floor([r for r in mine if r["name"] == "floor"])
+        config: dict[str, Any] = {
+            "work": work, "threads": threads, "sides": sides, "floor": floor, "ratios": {}, "mismatches": {},
+            "uptime": [r["uptime_before"] for r in mine],
+            "failed": [f"{r['name']} pair {r['pair']}: {r['status']}" for r in mine if r.get("status") != "ok"],
+        }  # fmt: skip
+        ours = sides.get("ours")
+        officials = {n: s for n, s in sides.items() if n != "ours" and s is not None}
+        if ours is not None:
+            for name, side in officials.items():
+                config["ratios"][name] = compare(ours, side)
+                config["mismatches"][name] = mismatches(ours, side)
+            fastest = min(officials, key=lambda n: officials[n]["wall_s"], default=None)
+            config["official_fastest"] = fastest
+            if floor is not None:
+                shipped = floor["by_batch"][str(SHIPPED_BATCH)]
+                config["floor_multiple"] = {
+                    "ours": _ratio(ours["wall_s"], shipped["total_s"]),
+                    "ours_pairs": pair_ratios(ours["per_pair_wall_s"], floor["per_pair_s"]),
+                    "ours_cpu": _ratio(ours["wall_cpu_s"], shipped["total_cpu_s"]),
+                    "ours_cpu_pairs": pair_ratios(ours["per_pair_cpu_s"], floor["per_pair_cpu_s"]),
+                }
+                for name, side in officials.items():
+                    at_batch = floor["by_batch"].get(name.removeprefix("official_b"), {})
+                    config["floor_multiple"][name] = _ratio(side["wall_s"], at_batch.get("total_s"))
+            config["targets"] = targets(config)
+        configs.append(config)
+    return configs
+
+
+def _target(name: str, limit: float, wall: float | None, pairs: list[float], cpu: float | None,
+            cpu_pairs: list[float]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "target": name, "limit": limit,
+        "measured": wall, "pairs": pairs, "verdict": verdict(pairs, limit),
+        "measured_cpu": cpu, "cpu_pairs": cpu_pairs, "verdict_cpu": verdict(cpu_pairs, limit),
+    }  # fmt: skip
+
+
+def targets(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The project's speed and memory targets for this configuration: what was measured, in wall time and in
+    process CPU time, and whether every pair meets the target (``met``), none does (``not met``) or some do."""
+    ratios, shipped = config["ratios"], f"official_b{SHIPPED_BATCH}"
+    out = []
+    if shipped in ratios:
+        r = ratios[shipped]
+        out.append(_target(f"≥ {TARGET_SPEEDUP}× faster per epoch than the official script at its shipped batch",
+                           1 / TARGET_SPEEDUP, r["epoch"], r["pairs"], r["cpu"], r["cpu_pairs"]))  # fmt: skip
+    fastest = config.get("official_fastest")
+    if config["work"] == "flowgrpo" and fastest in ratios:
+        r = ratios[fastest]
+        out.append(_target(f"faster per epoch than the official script at its fastest batch ({fastest})", 1.0,
+                           r["epoch"], r["pairs"], r["cpu"], r["cpu_pairs"]))  # fmt: skip
+    if "floor_multiple" in config:
+        m = config["floor_multiple"]
+        out.append(_target(f"our epoch ≤ {TARGET_FLOOR_MULTIPLE}× the floor", TARGET_FLOOR_MULTIPLE, m["ours"],
+                           m["ours_pairs"], m["ours_cpu"], m["ours_cpu_pairs"]))  # fmt: skip
+    ours, official = config["sides"].get("ours"), config["sides"].get(shipped)
+    if ours and official:
+        met = ours["rss_max_mb"] <= official["rss_mb"]
+        out.append({"target": "peak RSS no higher than the official script's (shipped batch)", "limit": 1.0,
+                    "measured": _ratio(ours["rss_mb"], official["rss_mb"]), "pairs": [],
+                    "verdict": "met" if met else "not met", "measured_cpu": None, "cpu_pairs": [],
+                    "verdict_cpu": "–"})  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def _f(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _range(values: list[float], digits: int = 2) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "–"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results page: settings, per-side medians, ratios, floor, targets and work differences."""
+    s = result["settings"]
+    lines = [
+        "# Our trainer against the official scripts, same work" + (" (quick run)" if s.get("quick") else ""),
+        "",
+        f"Run {result['date']} on {result['nproc']} cores with `{result['command']}`. Official code: "
+        + ", ".join(
+            f"`{OFFICIAL[w][2]}` `{OFFICIAL[w][1]}` at `{c[:7]}`" for w, c in result["commits"].items()
+        )
+        + ", run unmodified by `../shared/perf_vs_official/flowgrpo_baseline`.",
+        "",
+        f"Work per epoch (the toy SD3 pipeline, 32 px, fp32, LoRA r 32): 4 prompts × 8 images, 10 SDE steps, "
+        f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. Each pair runs "
+        f"ours, the official script at batch {' and '.join(str(b) for b in s['official_batches'])} "
+        f"(b{SHIPPED_BATCH} = shipped) and the floor, in a rotating order; {s['epochs']} epochs per run, epoch 0 "
+        f"not counted. Times are medians over the counted epochs of all pairs, in seconds per epoch; ranges are "
+        f"min–max over epochs (epoch) or over pairs (ratios).",
+        "",
+        "The official script's batch knobs that change speed but not the work: `sample.train_batch_size` (images "
+        "per sampling batch), with `sample.num_batches_per_epoch` keeping 32 images per epoch; the script "
+        "re-batches its samples into `num_batches_per_epoch` training batches, so the training batch follows, "
+        "and `train.gradient_accumulation_steps` = batches / 2 keeps the optimizer steps per epoch. "
+        + "; ".join(
+            f"b{b}: `{' '.join(official_flags(b)) or 'shipped config'}`" for b in s["official_batches"]
+        )
+        + ". Batch 32 would leave one training batch per epoch, hence one optimizer step instead of two: "
+        "other work.",
+        "",
+        "| work | threads | side | epochs | epoch s (range) | sampling | reward | training | other | CPU s | "
+        "peak RSS MB | forwards: sample / reward / train grad / train ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        for name, side in c["sides"].items():
+            if side is None:
+                continue
+            fw = side["forwards"]
+            lines.append(
+                f"| {c['work']} | {c['threads']} | {name} | {side['epochs']} | {_f(side['wall_s'])} "
+                f"({_f(side['wall_min_s'])}–{_f(side['wall_max_s'])}) | {_f(side['sampling_s'])} | "
+                f"{_f(side['reward_s'])} | {_f(side['training_s'])} | {_f(side['other_s'])} | "
+                f"{_f(side['wall_cpu_s'], 1)} | {side['rss_mb']:.0f} | "
+                + " / ".join(fw[p] for p in FORWARD_PHASES)
+                + " |"
+            )
+    lines += [
+        "",
+        "Ratios ours / official (below 1: ours is faster). *epoch* is the ratio of the medians over all epochs, "
+        "*pairs* the range of the per-pair ratios; *faster?* says whether every pair agrees. *CPU* is the same "
+        "for process CPU seconds, which other jobs on the machine disturb less than wall time (at 1 thread it is "
+        "the time the epoch actually ran).",
+        "",
+        "| work | threads | against | epoch | pairs | faster? | sampling | reward | training | CPU | CPU pairs "
+        "| faster by CPU? | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        for name, r in c["ratios"].items():
+            lines.append(
+                f"| {c['work']} | {c['threads']} | {name} | **{_f(r['epoch'])}** | {_range(r['pairs'])} | "
+                f"{r['faster']} | {_f(r['sampling'])} | {_f(r['reward'])} | {_f(r['training'])} | {_f(r['cpu'])} | "
+                f"{_range(r['cpu_pairs'])} | {r['faster_cpu']} | {_f(r['rss'])} |"
+            )
+    lines += [
+        "",
+        "The floor: the bare transformer forwards and backwards one epoch needs at the batch sizes used (median "
+        "call time × calls), timed in the same pairs with the same LoRA transformer.",
+        "",
+        "| work | threads | batch | floor s | sampling fwd | train fwd+bwd | reference fwd | probe fwd | "
+        "ours ÷ floor (pairs) | official ÷ floor | floor CPU s | ours CPU ÷ floor CPU (pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        floor = c.get("floor")
+        if not floor:
+            continue
+        for batch, fb in floor["by_batch"].items():
+            ph = fb["phases"]
+
+            def cell(phase: str, ph: dict = ph) -> str:
+                if phase not in ph:
+                    return "–"
+                return f"{ph[phase]['total_s']:.2f} ({ph[phase]['calls']}×{ph[phase]['rows']})"
+
+            multiple = c.get("floor_multiple", {})
+            ours_cell = ours_cpu_cell = "–"
+            if int(batch) == SHIPPED_BATCH and multiple.get("ours") is not None:
+                ours_cell = f"**{multiple['ours']:.2f}** ({_range(multiple['ours_pairs'])})"
+                ours_cpu_cell = f"{_f(multiple['ours_cpu'])} ({_range(multiple['ours_cpu_pairs'])})"
+            lines.append(
+                f"| {c['work']} | {c['threads']} | {batch} | {_f(fb['total_s'])} | {cell('sample')} | "
+                f"{cell('train_grad')} | {cell('train_nograd')} | {cell('reward')} | {ours_cell} | "
+                f"{_f(multiple.get(f'official_b{batch}'))} | {_f(fb.get('total_cpu_s'))} | {ours_cpu_cell} |"
+            )
+    lines += [
+        "",
+        "Targets (ratios as above; *met* when every pair meets the target, *not met* when none does):",
+        "",
+        "| work | threads | target | wall time (pairs) | verdict | CPU time (pairs) | verdict by CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        for t in c.get("targets", []):
+            wall = _f(t["measured"]) + (f" ({_range(t['pairs'])})" if t["pairs"] else "")
+            cpu = _f(t["measured_cpu"]) + (f" ({_range(t['cpu_pairs'])})" if t["cpu_pairs"] else "")
+            lines.append(
+                f"| {c['work']} | {c['threads']} | {t['target']} | {wall} | {t['verdict']} | {cpu} | "
+                f"{t['verdict_cpu']} |"
+            )
+    lines += ["", "Machine load (`uptime` before each run):", ""]
+    for c in result["configs"]:
+        loads = [u.split("load average:")[-1].strip() for u in c["uptime"]]
+        lines.append(f"- {c['work']}, {c['threads']} thread(s): " + "; ".join(loads))
+    lines += ["", "Measured work differences (forwards, optimizer steps, decoded images):", ""]
+    any_mismatch = False
+    for c in result["configs"]:
+        for name, items in c["mismatches"].items():
+            for item in items:
+                any_mismatch = True
+                lines.append(f"- {c['work']}, {c['threads']} thread(s), vs {name}: {item}")
+        for item in c.get("failed", []):
+            lines.append(f"- {c['work']}, {c['threads']} thread(s): run failed: {item}")
+    if not any_mismatch:
+        lines.append("- none")
+    lines += ["", "Known differences that the counts above do not show:", ""]
+    for work in dict.fromkeys(c["work"] for c in result["configs"]):
+        lines += [f"- {work}: {item}" for item in KNOWN_DIFFERENCES[work]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- profile
+PROFILE_CATEGORIES = (
+    # (name, frame substrings that must all be in the stack), first match wins
+    ("training: backward", ("_engine_run_backward",)),
+    ("training: policy forward (transformer)", ("_timestep_loss@policy", "_transformer_forward")),
+    ("training: reference forward (transformer)", ("_timestep_loss@reference", "_transformer_forward")),
+    ("training: LoRA disable/enable for the reference", ("_timestep_loss", "able_adapters")),
+    ("training: SDE log-prob, loss, KL, metrics", ("_timestep_loss",)),
+    ("sampling: transformer forwards", ("_sample_rollouts", "_transformer_forward")),
+    ("sampling: SDE steps and other rollout work", ("_sample_rollouts",)),
+    ("reward: SOLACE probe forwards (transformer)", ("_calculate_rewards", "_transformer_forward")),
+    ("reward: other", ("_calculate_rewards",)),
+    ("sampling: VAE decode", ("_decode_if_needed",)),
+    ("sampling: prompt encoding", ("._encode",)),
+    ("collapse statistics", ("_log_collapse_statistics",)),
+    ("advantages and rollout metrics", ("_generate_and_score",)),
+    ("gradient clipping", ("_clip_grad_norm",)),
+    ("optimizer step", ("AcceleratedOptimizer.step",)),
+    ("logging", ("_maybe_log_save_evaluate",)),
+    ("rest of training_step / accelerate", ("training_step",)),
+    ("rest of the Trainer loop", ("_inner_training_loop",)),
+)
+
+
+def _frame_names(stack: str, policy_line: int | None) -> list[str]:
+    """Qualified function names of a collapsed stack; ``_timestep_loss`` frames also get ``@policy`` or
+    ``@reference`` after the line that called the transformer."""
+    names = []
+    for frame in stack.split(";"):
+        name = frame.split(" (")[0]
+        names.append(name)
+        if name.endswith("._timestep_loss") and policy_line is not None:
+            line = frame.rsplit(":", 1)[-1].rstrip(")")
+            names.append("_timestep_loss@" + ("policy" if line == str(policy_line) else "reference"))
+    return names
+
+
+def categorize_profile(lines: list[str]) -> dict[str, int]:
+    """py-spy ``raw`` (collapsed) stacks → samples per category of :data:`PROFILE_CATEGORIES`.
+
+    A category matches a stack when each of its substrings occurs in some frame's qualified name. The policy
+    and the reference forward of a training step are told apart by the line of ``_timestep_loss`` that calls
+    the transformer: the first such line is the policy's.
+    """
+    stacks = []
+    for line in lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack, int(count)))
+    replay_lines = sorted(
+        {
+            int(frame.rsplit(":", 1)[-1].rstrip(")"))
+            for stack, _ in stacks
+            if "_transformer_forward" in stack
+            for frame in stack.split(";")
+            if frame.split(" (")[0].endswith("._timestep_loss")
+        }
+    )
+    policy_line = replay_lines[0] if replay_lines else None
+    counts: Counter = Counter()
+    for stack, count in stacks:
+        names = _frame_names(stack, policy_line)
+        for category, needles in PROFILE_CATEGORIES:
+            if all(any(needle in name for name in names) for needle in needles):
+                counts[category] += count
+                break
+        else:
+            counts["outside the training loop"] += count
+    return dict(counts)
+
+
+def run_profile(runner: Runner, works: list[str]) -> dict[str, Any]:
+    """One of our runs per work under py-spy (1 thread), then the floor in the same conditions."""
+    profiles = {}
+    for work in works:
+        tag = f"{work}_profile"
+        raw = runner.scratch / f"{tag}.pyspy.txt"
+        load = uptime()
+        ours = runner.ours(work, 1, tag, pyspy=raw)
+        floor = runner.floor(work, 1, f"{tag}_floor")
+        if ours.get("status") != "ok" or floor.get("status") != "ok" or not raw.is_file():
+            profiles[work] = {"status": "failed", "ours": ours.get("status"), "floor": floor.get("status")}
+            continue
+        counts = categorize_profile(raw.read_text().splitlines())
+        total = sum(counts.values())
+        epochs = ours["epochs"]
+        mean_wall = statistics.fmean(e["wall_s"] for e in epochs)
+        floor8 = next(f for f in floor["floors"] if f["batch"] == SHIPPED_BATCH)
+        profiles[work] = {
+            "status": "ok", "uptime_before": load, "samples": total, "epochs": len(epochs),
+            "mean_epoch_s": mean_wall,
+            "seconds_per_epoch": {k: v / total * mean_wall for k, v in sorted(counts.items(), key=lambda kv: -kv[1])},
+            "floor": {phase: p["total_s"] for phase, p in floor8["phases"].items()}, "floor_total_s": floor8["total_s"],
+        }  # fmt: skip
+    sweeps = {}
+    for threads in runner.args.threads:
+        load = uptime()
+        sweeps[str(threads)] = {**runner.sweep(works[0], threads, f"sweep_t{threads}"), "uptime_before": load}
+    return {"profiles": profiles, "sweeps": sweeps}
+
+
+FLOOR_OF_CATEGORY = {
+    "sampling: transformer forwards": "sample",
+    "training: backward": "train_grad",
+    "training: policy forward (transformer)": "train_grad",
+    "training: reference forward (transformer)": "train_nograd",
+    "reward: SOLACE probe forwards (transformer)": "reward",
+}
+
+
+def profile_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Where one of our epochs goes (py-spy, 1 thread)",
+        "",
+        f"Run {result['date']} with `{result['command']}`: py-spy (100 Hz, non-blocking) over epochs 1–"
+        f"{result['settings']['epochs'] - 1} of one of our runs, samples turned into seconds per epoch with the "
+        "run's mean epoch time; the floor was timed right after, in the same conditions. *Beyond the floor* is "
+        "the category minus the floor of the same transformer calls (the policy forward and its backward share "
+        "the floor's forward+backward).",
+        "",
+    ]
+    for work, p in result["profile"]["profiles"].items():
+        if p.get("status") != "ok":
+            lines += [f"{work}: profile failed ({p})", ""]
+            continue
+        lines += [
+            f"**{work}**: epoch {p['mean_epoch_s']:.2f} s, floor {p['floor_total_s']:.2f} s "
+            f"({p['epochs']} epochs, {p['samples']} samples; load before: {p['uptime_before'].split('load average:')[-1].strip()}).",
+            "",
+            "| where | s / epoch | floor s | beyond the floor s |",
+            "|---|---|---|---|",
+        ]
+        seconds = p["seconds_per_epoch"]
+        train_grad = seconds.get("training: backward", 0.0) + seconds.get(
+            "training: policy forward (transformer)", 0.0
+        )
+        rows = []
+        for category, value in seconds.items():
+            phase = FLOOR_OF_CATEGORY.get(category)
+            floor = p["floor"].get(phase) if phase else None
+            if category == "training: policy forward (transformer)":
+                continue
+            if category == "training: backward":
+                category, value = "training: policy forward + backward (transformer)", train_grad
+            beyond = value - floor if floor is not None else value
+            rows.append((beyond, category, value, floor))
+        for beyond, category, value, floor in sorted(rows, key=lambda r: -r[0]):
+            lines.append(f"| {category} | {value:.2f} | {_f(floor)} | {beyond:+.2f} |")
+        lines.append("")
+    for threads, sweep in result["profile"]["sweeps"].items():
+        if sweep.get("status") != "ok":
+            lines += [f"Sweep at {threads} thread(s) failed: {sweep.get('status')}", ""]
+            continue
+        per_row = sweep["per_row_ms"]
+        rows = list(next(iter(per_row.values())))
+        lines += [
+            f"Per-row cost of the transformer calls (ms per row, median of {sweep['rounds']} interleaved rounds) "
+            f"by rows per call, {threads} thread(s); load before: "
+            f"{sweep['uptime_before'].split('load average:')[-1].strip()}. Folding a trained LoRA into the weights "
+            f"changed the policy output by at most {sweep['folded_max_abs_diff']:.1e} "
+            f"(outputs up to {sweep['output_max_abs']:.1f}).",
+            "",
+            "| call | " + " | ".join(f"{r} rows" for r in rows) + " |",
+            "|---|" + "---|" * len(rows),
+        ]
+        lines += [
+            f"| {kind} | " + " | ".join(f"{v[r]:.2f}" for r in rows) + " |" for kind, v in per_row.items()
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", choices=("flowgrpo", "solace", "both"), default="both")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one setting each"
+    )
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs per work and thread setting")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 0 is warm-up")
+    parser.add_argument(
+        "--official-batches", type=int, nargs="+", default=[SHIPPED_BATCH, 16],
+        help="the official script's batch settings (images per batch); 8 is the shipped one",
+    )  # fmt: skip
+    parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help="../shared/perf_vs_official")
+    parser.add_argument(
+        "--mirror-root", type=Path, default=Path(os.environ["MIRROR_ROOT"]) if os.environ.get("MIRROR_ROOT") else None,
+        help="folder of the fetched snapshots (yifan123+flow_grpo/, wookiekim+SOLACE/); default $MIRROR_ROOT",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scratch", type=Path, default=None, help="folder for the runs (default: a new temp dir)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy profile of our epochs at 1 thread instead"
+    )
+    parser.add_argument("--from-raw", type=Path, default=None, help="re-summarise the runs of a result JSON")
+    parser.add_argument("--quick", action="store_true", help="1 pair, 2 epochs, 1 thread: a smoke test")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pairs, args.epochs, args.threads = 1, 2, args.threads[:1]
+    if SHIPPED_BATCH not in args.official_batches:
+        parser.error(f"--official-batches must include the shipped batch {SHIPPED_BATCH}")
+    return args
+
+
+def build_result(args: argparse.Namespace, runs: list[dict[str, Any]], commits: dict[str, str], command: str,
+                 date: str, nproc: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "date": date, "command": command, "nproc": nproc, "commits": commits,
+        "settings": {"quick": args.quick, "pairs": args.pairs, "epochs": args.epochs, "threads": args.threads,
+                     "official_batches": args.official_batches},
+        "configs": summarize(runs, args.official_batches),
+        "runs": runs,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    works = ["flowgrpo", "solace"] if args.work == "both" else [args.work]
+    command = "python benchmarks/bench_vs_official.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    date = datetime.date.today().isoformat()
+    if args.from_raw is not None:
+        raw = json.loads(args.from_raw.read_text())
+        runs, commits = raw["runs"], raw["commits"]
+        args.pairs, args.epochs = raw["settings"]["pairs"], raw["settings"]["epochs"]
+        args.threads, args.official_batches = raw["settings"]["threads"], raw["settings"]["official_batches"]
+        args.quick = raw["settings"]["quick"]
+        result = build_result(args, runs, commits, raw["command"], raw["date"], raw["nproc"])
+        name = "vs_official" + ("_quick" if args.quick else "")
+        write_results(name, result, markdown(result), args.output_dir)
+        print(markdown(result))
+        return result
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench_vs_official_"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args, scratch)
+    runner.prepare(works)
+    commits = {work: runner.snapshots[work][1] for work in works}
+    print(f"[bench_vs_official] runs and logs in {scratch}", file=sys.stderr, flush=True)
+    if args.profile:
+        result = {"date": date, "command": command, "nproc": os.cpu_count(), "commits": commits,
+                  "settings": {"epochs": args.epochs, "threads": args.threads},
+                  "profile": run_profile(runner, works)}  # fmt: skip
+        write_results("vs_official_profile", result, profile_markdown(result), args.output_dir)
+        print(profile_markdown(result))
+        return result
+    runs = run_pairs(runner, works, args.threads, args.pairs)
+    result = build_result(args, runs, commits, command, date, os.cpu_count() or 0)
+    name = "vs_official" + ("_quick" if args.quick else "")
+    write_results(name, result, markdown(result), args.output_dir)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
