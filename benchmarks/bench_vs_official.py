@@ -283,8 +283,8 @@ def run_pairs(runner: Runner, works: list[str], threads_list: list[int], pairs: 
     """Every pair of every (work, threads) configuration; the order of the sides rotates from pair to pair."""
     runs = []
     names = side_names(runner.args.official_batches)
-    for work in works:
-        for threads in threads_list:
+    for threads in threads_list:
+        for work in works:
             for pair in range(pairs):
                 order = names[pair % len(names) :] + names[: pair % len(names)]
                 for name in order:
@@ -892,6 +892,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/bench_vs_official.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
+    if os.environ.get("MIRROR_ROOT") and "--mirror-root" not in command:
+        command = "MIRROR_ROOT=<fetched snapshots> " + command
     date = datetime.date.today().isoformat()
     if args.from_raw is not None:
         raw = json.loads(args.from_raw.read_text())
