@@ -1,14 +1,15 @@
 """The measured processes of ``bench_vs_official.py``; each runs in a fresh process at a fixed thread count.
 
     python benchmarks/_vs_official_worker.py save-pipe DIR
-    python benchmarks/_vs_official_worker.py ours  --work flowgrpo --pipe DIR --prompts FILE --threads 1 --out F.json
-    python benchmarks/_vs_official_worker.py floor --work flowgrpo --pipe DIR --threads 1 --batches 8 16 --out F.json
-    python benchmarks/_vs_official_worker.py sweep --work flowgrpo --pipe DIR --threads 1 --rows 16 64 --out F.json
+    python benchmarks/_vs_official_worker.py ours --work flowgrpo --pipe DIR --prompts P --threads 1 --out F
+    python benchmarks/_vs_official_worker.py floor --work solace --pipe DIR --threads 1 --batches 8 16 --out F
+    python benchmarks/_vs_official_worker.py sweep --work flowgrpo --pipe DIR --threads 2 --rows 16 64 --out F
 
 ``ours`` trains ``FlowGRPOTrainer`` on the per-epoch work of the official Flow-GRPO / SOLACE scripts
 (:data:`WORKS`) through the public API only, and times every epoch by phase. ``floor`` times the bare
 transformer forwards and backwards that one epoch of that work needs, at given micro-batch sizes, with
-nothing else around them. Both write one JSON file.
+nothing else around them. ``sweep`` measures the per-row cost of those calls at several rows per call.
+Each writes one JSON file (``F``).
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ WORKS = {
     "solace": Work("solace", train_steps=(4, 5, 6, 7, 8), optimizer_steps=1, probes=8),
 }
 """Flow-GRPO trains the 9 stochastic steps (timestep_fraction 0.99) and steps the optimizer twice per epoch.
-SOLACE trains the later half (indices 4–8) and, with its gradient accumulation of 2 × 9 micro-steps over 4 × 5
-micro-steps per epoch, steps the optimizer about once per epoch; its K = 8 probes per image and step run at
-those same 5 steps."""
+SOLACE trains the later half (indices 4–8) and, with its gradient accumulation of 2 × 9 micro-steps over
+4 × 5 micro-steps per epoch, steps the optimizer about once per epoch; its K = 8 probes per image and step
+run at those same 5 steps."""
 
 
 def peak_rss_mb() -> float:
@@ -182,7 +183,8 @@ class EpochRecorder:
         return wrapped
 
     def records(self) -> list[dict[str, Any]]:
-        """Complete epochs as ``{wall_s, sampling_s, reward_s, other_s, training_s, *_cpu_s, forwards, ...}``."""
+        """Complete epochs: ``{wall_s, sampling_s, reward_s, other_s, training_s, *_cpu_s, forwards, ...}``
+        (seconds; wall and process CPU)."""
         out = []
         for epoch in self.epochs:
             marks = epoch["marks"]
@@ -237,7 +239,7 @@ def build_trainer(
         dataloader_num_workers=0,
     )  # fmt: skip
     if solace:
-        # the authors' reward: K antithetic probes, t(1-t) weights, per-step standardisation; our default chunking
+        # the authors' reward: K antithetic probes, t(1-t) weights, per-step standardisation; our chunking
         reward = SolaceReward(
             num_probes=work.probes, timestep_weighting="t(1-t)", normalize="per_timestep", seed=work.seed
         )
@@ -378,12 +380,12 @@ def measure_floor(
     """Time the bare transformer calls of one epoch of ``work`` at micro-batch ``batch`` (seconds).
 
     The pipeline's transformer must carry the LoRA (:func:`prepare_floor_model`). Each phase of
-    :meth:`Work.forwards` is called with inputs of its exact shapes: sampling forwards (eval, no grad, LoRA on),
-    training forwards with grad followed by a backward of the whole output (train mode, gradients accumulate),
-    reference forwards (no grad, LoRA disabled once for all of them) and SOLACE's probe forwards (conditional
-    only, no grad). ``max_calls`` caps the timed calls per phase (the total is extrapolated); the phase time is
-    the median call time × the number of calls, so a few calls slowed by other load do not count, in wall
-    seconds (``total_s``) and process CPU seconds (``total_cpu_s``).
+    :meth:`Work.forwards` is called with inputs of its exact shapes: sampling forwards (eval, no grad, LoRA
+    on), training forwards with grad followed by a backward of the whole output (train mode, gradients
+    accumulate), reference forwards (no grad, LoRA disabled once for all of them) and SOLACE's probe forwards
+    (conditional only, no grad). ``max_calls`` caps the timed calls per phase (the total is extrapolated).
+    A phase's time is the median call time × the number of calls, so that a few calls slowed by other load
+    do not count, in wall seconds (``total_s``) and process CPU seconds (``total_cpu_s``).
     """
     from trl_intrinsic.flow.pipelines import get_flow_adapter
 
@@ -489,8 +491,9 @@ def merged_lora(transformer: torch.nn.Module):
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Per-row cost (ms) of the transformer calls of the work at several rows per call, interleaved in rounds:
     the policy forward without grad (LoRA as separate layers, and LoRA folded into the weights), the reference
-    forward (LoRA disabled) and the policy forward + backward. Also the largest difference between the policy
-    outputs with LoRA folded and not."""
+    forward (LoRA disabled) and the policy forward + backward. Each value is the best over the rounds of the
+    median call in a round (other jobs on the machine only ever slow a call down). Also the largest difference
+    between the policy outputs with a trained LoRA folded into the weights and not."""
     from trl_intrinsic.flow.pipelines import get_flow_adapter
     from trl_intrinsic.flow.weights import load_flow_pipeline
 
@@ -557,10 +560,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "work": args.work,
         "torch_threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "per_row_ms": {
-            kind: {str(r): statistics.median(v) for r, v in by_rows.items()}
-            for kind, by_rows in times.items()
-        },
+        "per_row_ms": {kind: {str(r): min(v) for r, v in by_rows.items()} for kind, by_rows in times.items()},
         "folded_max_abs_diff": float((plain - folded).abs().max()),
         "output_max_abs": float(plain.abs().max()),
     }
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--prompts", required=True, help="train.txt of the harness's prompt set")
             p.add_argument("--epochs", type=int, default=4, help="epochs to run; epoch 0 is warm-up")
             p.add_argument("--batch", type=int, default=8, help="images per sampling/training micro-batch")
-            p.add_argument("--pyspy", default=None, help="record a py-spy profile of epochs ≥ 1 to this file")
+            p.add_argument("--pyspy", default=None, help="record a py-spy profile of epochs ≥ 1 here")
         elif name == "floor":
             p.add_argument("--batches", type=int, nargs="+", default=[8], help="micro-batch sizes (images)")
             p.add_argument("--max-calls", type=int, default=None, help="timed calls per phase (default: all)")

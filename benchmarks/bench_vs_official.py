@@ -3,7 +3,7 @@
     python benchmarks/bench_vs_official.py --work both --threads 1 2 --pairs 3   # about 1 h on 2 CPU cores
     python benchmarks/bench_vs_official.py --quick                               # minutes; a smoke test
     python benchmarks/bench_vs_official.py --profile --work both                 # py-spy profile of our epochs
-    python benchmarks/bench_vs_official.py --from-raw benchmarks/results/vs_official.json   # re-summarise
+    python benchmarks/bench_vs_official.py --from-raw A.json B.json   # re-summarise (and merge) results
 
 The official side is the **unmodified** ``scripts/train_sd3.py`` of ``yifan123/flow_grpo`` (``--work
 flowgrpo``) and ``scripts/train_sd3_self.py`` of ``wookiekim/SOLACE`` (``--work solace``), run on CPU by the
@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -258,8 +259,8 @@ class Runner:
         out = self.scratch / f"{tag}.json"
         argv = [
             sys.executable, str(WORKER), "sweep", "--work", work, "--pipe", str(self.pipe),
-            "--threads", str(threads), "--out", str(out), "--rows", "16", "32", "64", "128", "256",
-            "--rounds", "1" if self.args.quick else "3",
+            "--threads", str(threads), "--out", str(out), "--rows", "8", "16", "32", "64", "128",
+            "--rounds", "1" if self.args.quick else "5",
         ]  # fmt: skip
         rc = self._run(argv, self.scratch / f"{tag}.log")
         if rc or not out.is_file():
@@ -353,6 +354,10 @@ def summarize_side(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     out["vae_rows"] = sorted({e["vae_rows"] for e in epochs})
     out["per_pair_wall_s"] = {r["pair"]: _median([e["wall_s"] for e in r["epochs"]]) for r in runs}
     out["per_pair_cpu_s"] = {r["pair"]: _median([e.get("wall_cpu_s") for e in r["epochs"]]) for r in runs}
+    for phase in PHASES:
+        out[f"per_pair_{phase}_s"] = {
+            r["pair"]: _median([e[f"{phase}_s"] for e in r["epochs"]]) for r in runs
+        }
     return out
 
 
@@ -380,14 +385,15 @@ def mismatches(ours: dict[str, Any], official: dict[str, Any]) -> list[str]:
 
 
 def verdict(pair_values: list[float], limit: float) -> str:
-    """``met`` when every pair is at or below ``limit``, ``not met`` when every pair is above, else ``unclear``."""
+    """``met`` when every pair is at or below ``limit``, ``not met`` when none is, else how many are."""
     if not pair_values:
         return "no data"
-    if max(pair_values) <= limit:
-        return "met"
-    if min(pair_values) > limit:
-        return "not met"
-    return "unclear (pairs on both sides)"
+    n, ok = len(pair_values), sum(v <= limit for v in pair_values)
+    if ok == n:
+        return f"met ({n}/{n} pairs)"
+    if ok == 0:
+        return f"not met (0/{n} pairs)"
+    return f"unclear ({ok}/{n} pairs meet it)"
 
 
 def pair_ratios(ours: dict[Any, float | None], other: dict[Any, float | None]) -> list[float]:
@@ -397,25 +403,29 @@ def pair_ratios(ours: dict[Any, float | None], other: dict[Any, float | None]) -
 
 
 def faster(pairs: list[float]) -> str:
-    """Whether every pair says ours is faster (``yes``), every pair says slower (``no``), or they disagree."""
-    return {"met": "yes", "not met": "no"}.get(verdict(pairs, 1.0), "unclear")
+    """``yes`` when ours is faster in every pair, ``no`` when in none, else in how many."""
+    n, ok = len(pairs), sum(v < 1.0 for v in pairs)
+    return "yes" if ok == n else "no" if ok == 0 else f"{ok} of {n} pairs"
 
 
 def compare(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Ratios ours / ``other``: epoch wall and CPU time (median of all epochs, and per pair), phases, peak RSS."""
+    """Ratios ours / ``other``, each the median over the pairs of the per-pair ratio of median epoch times:
+    epoch wall and CPU time (with every pair's ratio), phases, peak RSS; and the ratio of the pooled medians."""
     pairs = pair_ratios(ours["per_pair_wall_s"], other["per_pair_wall_s"])
     cpu_pairs = pair_ratios(ours["per_pair_cpu_s"], other["per_pair_cpu_s"])
     out = {
-        "epoch": _ratio(ours["wall_s"], other["wall_s"]),
+        "epoch": _median(pairs),
         "pairs": pairs,
-        "cpu": _ratio(ours["wall_cpu_s"], other["wall_cpu_s"]),
+        "epoch_pooled": _ratio(ours["wall_s"], other["wall_s"]),
+        "cpu": _median(cpu_pairs),
         "cpu_pairs": cpu_pairs,
         "rss": _ratio(ours["rss_mb"], other["rss_mb"]),
         "faster": faster(pairs),
         "faster_cpu": faster(cpu_pairs),
     }
     for phase in ("sampling", "reward", "training"):
-        out[phase] = _ratio(ours[f"{phase}_s"], other[f"{phase}_s"]) if other[f"{phase}_s"] else None
+        phase_pairs = pair_ratios(ours[f"per_pair_{phase}_s"], other[f"per_pair_{phase}_s"])
+        out[phase] = _median(phase_pairs) if other[f"{phase}_s"] else None
     return out
 
 
@@ -424,7 +434,7 @@ def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     runs = [r for r in runs if r.get("status") == "ok"]
     if not runs:
         return None
-    out: dict[str, Any] = {"runs": len(runs), "by_batch": {}, "per_pair_s": {}, "per_pair_cpu_s": {}}
+    out: dict[str, Any] = {"runs": len(runs), "by_batch": {}, "per_pair_s_by_batch": {}}
     batches = sorted({f["batch"] for r in runs for f in r["floors"]})
     for batch in batches:
         floors = [f for r in runs for f in r["floors"] if f["batch"] == batch]
@@ -438,16 +448,17 @@ def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
             }
             for phase in floors[0]["phases"]
         }
+        out["per_pair_s_by_batch"][str(batch)] = {
+            r["pair"]: f["total_s"] for r in runs for f in r["floors"] if f["batch"] == batch
+        }
         out["by_batch"][str(batch)] = {
             "total_s": _median([f["total_s"] for f in floors]),
             "total_cpu_s": _median([f.get("total_cpu_s") for f in floors]),
             "phases": phases,
         }
-    for r in runs:
-        shipped = [f for f in r["floors"] if f["batch"] == SHIPPED_BATCH]
-        if shipped:
-            out["per_pair_s"][r["pair"]] = shipped[0]["total_s"]
-            out["per_pair_cpu_s"][r["pair"]] = shipped[0].get("total_cpu_s")
+    shipped = [(r["pair"], f) for r in runs for f in r["floors"] if f["batch"] == SHIPPED_BATCH]
+    out["per_pair_s"] = {pair: f["total_s"] for pair, f in shipped}
+    out["per_pair_cpu_s"] = {pair: f.get("total_cpu_s") for pair, f in shipped}
     return out
 
 
@@ -476,16 +487,15 @@ def summarize(runs: list[dict[str, Any]], official_batches: list[int]) -> list[d
             fastest = min(officials, key=lambda n: officials[n]["wall_s"], default=None)
             config["official_fastest"] = fastest
             if floor is not None:
-                shipped = floor["by_batch"][str(SHIPPED_BATCH)]
+                wall_pairs = pair_ratios(ours["per_pair_wall_s"], floor["per_pair_s"])
+                cpu_pairs = pair_ratios(ours["per_pair_cpu_s"], floor["per_pair_cpu_s"])
                 config["floor_multiple"] = {
-                    "ours": _ratio(ours["wall_s"], shipped["total_s"]),
-                    "ours_pairs": pair_ratios(ours["per_pair_wall_s"], floor["per_pair_s"]),
-                    "ours_cpu": _ratio(ours["wall_cpu_s"], shipped["total_cpu_s"]),
-                    "ours_cpu_pairs": pair_ratios(ours["per_pair_cpu_s"], floor["per_pair_cpu_s"]),
-                }
+                    "ours": _median(wall_pairs), "ours_pairs": wall_pairs,
+                    "ours_cpu": _median(cpu_pairs), "ours_cpu_pairs": cpu_pairs,
+                }  # fmt: skip
                 for name, side in officials.items():
-                    at_batch = floor["by_batch"].get(name.removeprefix("official_b"), {})
-                    config["floor_multiple"][name] = _ratio(side["wall_s"], at_batch.get("total_s"))
+                    at_batch = floor["per_pair_s_by_batch"].get(name.removeprefix("official_b"), {})
+                    config["floor_multiple"][name] = _median(pair_ratios(side["per_pair_wall_s"], at_batch))
             config["targets"] = targets(config)
         configs.append(config)
     return configs
@@ -543,14 +553,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Our trainer against the official scripts, same work" + (" (quick run)" if s.get("quick") else ""),
         "",
-        f"Run {result['date']} on {result['nproc']} cores with `{result['command']}`. Official code: "
+        f"Run {result['date']} on {result['nproc']} cores with `{result['command']}`"
+        + (f" ({s['invocations']} invocations, pairs merged)" if s.get("invocations", 1) > 1 else "")
+        + ". Official code: "
         + ", ".join(
             f"`{OFFICIAL[w][2]}` `{OFFICIAL[w][1]}` at `{c[:7]}`" for w, c in result["commits"].items()
         )
         + ", run unmodified by `../shared/perf_vs_official/flowgrpo_baseline`.",
         "",
         f"Work per epoch (the toy SD3 pipeline, 32 px, fp32, LoRA r 32): 4 prompts × 8 images, 10 SDE steps, "
-        f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. Each pair runs "
+        f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. "
+        f"{s['pairs']} pairs per work and thread count; each pair runs "
         f"ours, the official script at batch {' and '.join(str(b) for b in s['official_batches'])} "
         f"(b{SHIPPED_BATCH} = shipped) and the floor, in a rotating order; {s['epochs']} epochs per run, epoch 0 "
         f"not counted. Times are medians over the counted epochs of all pairs, in seconds per epoch; ranges are "
@@ -585,10 +598,11 @@ def markdown(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Ratios ours / official (below 1: ours is faster). *epoch* is the ratio of the medians over all epochs, "
-        "*pairs* the range of the per-pair ratios; *faster?* says whether every pair agrees. *CPU* is the same "
-        "for process CPU seconds, which other jobs on the machine disturb less than wall time (at 1 thread it is "
-        "the time the epoch actually ran).",
+        "Ratios ours / official (below 1: ours is faster): in each pair, the ratio of the two sides' median epoch "
+        "(or phase) times; *epoch* and the phases are the median of these ratios over the pairs, *pairs* their "
+        "range, *faster?* in how many pairs ours was faster. *CPU* is the same for process CPU seconds, which "
+        "other jobs on the machine disturb less than wall time (at 1 thread it is the time the epoch actually "
+        "ran). Peak RSS: ratio of the medians over the runs.",
         "",
         "| work | threads | against | epoch | pairs | faster? | sampling | reward | training | CPU | CPU pairs "
         "| faster by CPU? | peak RSS |",
@@ -604,7 +618,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "The floor: the bare transformer forwards and backwards one epoch needs at the batch sizes used (median "
-        "call time × calls), timed in the same pairs with the same LoRA transformer.",
+        "call time × calls), timed in the same pairs with the same LoRA transformer (seconds: medians over the "
+        "pairs). *÷ floor*: the median over the pairs of the epoch time over that pair's floor, with their range.",
         "",
         "| work | threads | batch | floor s | sampling fwd | train fwd+bwd | reference fwd | probe fwd | "
         "ours ÷ floor (pairs) | official ÷ floor | floor CPU s | ours CPU ÷ floor CPU (pairs) |",
@@ -778,6 +793,65 @@ FLOOR_OF_CATEGORY = {
 }
 
 
+def savings_estimates(per_row_ms: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Seconds per epoch that exact changes of how the transformer is called would save, per work, estimated
+    from the measured per-row costs (ms) of ``_vs_official_worker.run_sweep`` and the forward counts of the
+    work at the shipped batch (16 rows per CFG call, 64 per probe call). Negative: the change costs time.
+    """
+    from _vs_official_worker import WORKS
+
+    policy, folded = per_row_ms["policy forward, no grad"], per_row_ms["policy forward, no grad, LoRA folded"]
+    reference, fwd_bwd = (
+        per_row_ms["reference forward (LoRA disabled)"],
+        per_row_ms["policy forward + backward"],
+    )
+
+    def ms(table: dict[str, float], rows: int) -> float:
+        """Per-row cost at the nearest measured number of rows."""
+        return table[min(table, key=lambda r: abs(int(r) - rows))]
+
+    out = []
+    for name, work in WORKS.items():
+        counts = work.forwards(SHIPPED_BATCH, 64)
+        sample_calls, rows = counts["sample"]
+        train_calls, half = counts["train_grad"][0], rows // 2
+        probe_calls, probe_rows = counts.get("reward", (0, 64))
+        reused = work.images // SHIPPED_BATCH // work.optimizer_steps * len(work.train_steps)
+        ref_rows = rows * len(work.train_steps)
+        changes = {
+            "cfg_uncond_gradient=False: the unconditional half of the training forward in a no-grad call, so "
+            "the backward covers half the rows": train_calls
+            * (rows * ms(fwd_bwd, rows) - half * ms(fwd_bwd, half) - half * ms(policy, half)),
+            "reuse the sampling forwards (run with grad at the trained steps) for the micro-batches trained "
+            "before the epoch's first optimizer step": reused * rows * ms(policy, rows),
+            "fold the LoRA into the weights for the no-grad policy forwards (sampling, SOLACE probes)": (
+                sample_calls * rows * (ms(policy, rows) - ms(folded, rows))
+                + probe_calls * probe_rows * (ms(policy, probe_rows) - ms(folded, probe_rows))
+            ),
+            "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
+            "`gradient_accumulation_steps=1`; a setting today): 32 rows per CFG call": (
+                sample_calls * rows * (ms(policy, rows) - ms(policy, 2 * rows))
+                + train_calls * rows * (ms(fwd_bwd, rows) - ms(fwd_bwd, 2 * rows))
+                + train_calls * rows * (ms(reference, rows) - ms(reference, 2 * rows))
+            ),
+            "sample the 32 images of an epoch in one rollout (64 rows per forward instead of 16)": (
+                sample_calls * rows * (ms(policy, rows) - ms(policy, 4 * rows))
+            ),
+            "the reference forwards of a micro-batch's trained steps in one call, adapters disabled once": (
+                train_calls * rows * (ms(reference, rows) - ms(reference, ref_rows))
+            ),
+        }
+        if probe_calls:
+            best = min((r for r in policy if int(r) >= 128), key=lambda r: policy[r], default=str(probe_rows))
+            changes[f"SOLACE probes in chunks of {best} rows instead of {probe_rows}"] = (
+                probe_calls * probe_rows * (ms(policy, probe_rows) - policy[best])
+            )
+        out += [
+            {"work": name, "change": change, "saving_s": value / 1000} for change, value in changes.items()
+        ]
+    return out
+
+
 def profile_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Where one of our epochs goes (py-spy, 1 thread)",
@@ -824,7 +898,7 @@ def profile_markdown(result: dict[str, Any]) -> str:
         per_row = sweep["per_row_ms"]
         rows = list(next(iter(per_row.values())))
         lines += [
-            f"Per-row cost of the transformer calls (ms per row, median of {sweep['rounds']} interleaved rounds) "
+            f"Per-row cost of the transformer calls (ms per row, best of {sweep['rounds']} interleaved rounds) "
             f"by rows per call, {threads} thread(s); load before: "
             f"{sweep['uptime_before'].split('load average:')[-1].strip()}. Folding a trained LoRA into the weights "
             f"changed the policy output by at most {sweep['folded_max_abs_diff']:.1e} "
@@ -836,6 +910,19 @@ def profile_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"| {kind} | " + " | ".join(f"{v[r]:.2f}" for r in rows) + " |" for kind, v in per_row.items()
         ]
+        lines.append("")
+        estimates = savings_estimates(per_row)
+        works = list(dict.fromkeys(e["work"] for e in estimates))
+        lines += [
+            f"Estimated saving per epoch of exact changes at {threads} thread(s), from these per-row costs and the "
+            "work's forward counts (seconds; negative: slower):",
+            "",
+            "| change | " + " | ".join(works) + " |",
+            "|---|" + "---|" * len(works),
+        ]
+        for change in dict.fromkeys(e["change"] for e in estimates):
+            cells = {e["work"]: f"{e['saving_s']:+.2f}" for e in estimates if e["change"] == change}
+            lines.append(f"| {change} | " + " | ".join(cells.get(w, "–") for w in works) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -864,7 +951,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy profile of our epochs at 1 thread instead"
     )
-    parser.add_argument("--from-raw", type=Path, default=None, help="re-summarise the runs of a result JSON")
+    parser.add_argument(
+        "--from-raw",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-summarise the runs of result JSONs (merged)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 pair, 2 epochs, 1 thread: a smoke test")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go")
     args = parser.parse_args(argv)
@@ -886,22 +979,57 @@ def build_result(args: argparse.Namespace, runs: list[dict[str, Any]], commits: 
     }  # fmt: skip
 
 
+def _without_paths(argv: list[str]) -> list[str]:
+    """``argv`` without the options that only say where files go (they do not change the measurement)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--scratch", "--output-dir"):
+            skip = True
+        elif not arg.startswith(("--scratch=", "--output-dir=")):
+            out.append(arg)
+    return out
+
+
+def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """One result from the runs of several result files with the same settings (their pairs numbered on)."""
+    first = raws[0]
+    runs, offset = [], 0
+    for raw in raws:
+        if raw["commits"] != first["commits"] or raw["settings"]["epochs"] != first["settings"]["epochs"]:
+            raise SystemExit("bench_vs_official: --from-raw files must share the official commits and epochs")
+        runs += [{**run, "pair": run["pair"] + offset} for run in raw["runs"]]
+        offset += raw["settings"]["pairs"]
+    args.pairs, args.epochs = offset, first["settings"]["epochs"]
+    args.threads, args.official_batches = first["settings"]["threads"], first["settings"]["official_batches"]
+    args.quick = first["settings"]["quick"]
+    dates = sorted({raw["date"] for raw in raws})
+    commands = list(
+        dict.fromkeys(
+            re.sub(r" --(scratch|output-dir)[= ]\S+", "", c)
+            for raw in raws
+            for c in raw["command"].split(" ; ")
+        )
+    )
+    result = build_result(
+        args, runs, first["commits"], " ; ".join(commands), " and ".join(dates), first["nproc"]
+    )
+    result["settings"]["invocations"] = sum(raw["settings"].get("invocations", 1) for raw in raws)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     works = ["flowgrpo", "solace"] if args.work == "both" else [args.work]
     command = "python benchmarks/bench_vs_official.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+        shlex.quote(a) for a in _without_paths(sys.argv[1:] if argv is None else argv)
     )
     if os.environ.get("MIRROR_ROOT") and "--mirror-root" not in command:
         command = "MIRROR_ROOT=<fetched snapshots> " + command
     date = datetime.date.today().isoformat()
     if args.from_raw is not None:
-        raw = json.loads(args.from_raw.read_text())
-        runs, commits = raw["runs"], raw["commits"]
-        args.pairs, args.epochs = raw["settings"]["pairs"], raw["settings"]["epochs"]
-        args.threads, args.official_batches = raw["settings"]["threads"], raw["settings"]["official_batches"]
-        args.quick = raw["settings"]["quick"]
-        result = build_result(args, runs, commits, raw["command"], raw["date"], raw["nproc"])
+        result = merge_results([json.loads(path.read_text()) for path in args.from_raw], args)
         name = "vs_official" + ("_quick" if args.quick else "")
         write_results(name, result, markdown(result), args.output_dir)
         print(markdown(result))
