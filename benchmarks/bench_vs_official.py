@@ -662,10 +662,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {c['work']} | {c['threads']} | {t['target']} | {wall} | {t['verdict']} | {cpu} | "
                 f"{t['verdict_cpu']} |"
             )
-    lines += ["", "Machine load (`uptime` before each run):", ""]
+    lines += ["", "Machine load: the 1-minute load average (`uptime`) before each run, 2 cores:", ""]
     for c in result["configs"]:
-        loads = [u.split("load average:")[-1].strip() for u in c["uptime"]]
-        lines.append(f"- {c['work']}, {c['threads']} thread(s): " + "; ".join(loads))
+        loads = sorted(float(u.split("load average:")[-1].split(",")[0]) for u in c["uptime"])
+        lines.append(
+            f"- {c['work']}, {c['threads']} thread(s): {loads[0]:.2f}–{loads[-1]:.2f}, median "
+            f"{statistics.median(loads):.2f} ({len(loads)} runs)"
+        )
     lines += ["", "Measured work differences (forwards, optimizer steps, decoded images):", ""]
     any_mismatch = False
     for c in result["configs"]:
