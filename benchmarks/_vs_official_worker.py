@@ -507,6 +507,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             param.data.normal_(0.0, 0.02, generator=generator)
     embeddings = adapter.encode_prompts(["a photo of a red circle"], max_sequence_length=work.t5_tokens)
     latent_shape = adapter.latent_shape(work.resolution, work.resolution)
+    load_start = os.getloadavg()
     inputs, grads = {}, {}
     for rows in args.rows:
         cond = embeddings.rows(torch.zeros(rows, dtype=torch.long))
@@ -558,6 +559,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "side": "sweep",
         "status": "ok",
         "work": args.work,
+        "loadavg_start": [round(x, 2) for x in load_start],
         "torch_threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "per_row_ms": {kind: {str(r): min(v) for r, v in by_rows.items()} for kind, by_rows in times.items()},

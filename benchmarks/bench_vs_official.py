@@ -175,6 +175,15 @@ class Runner:
         self.dataset = scratch / "dataset"
         self.snapshots: dict[str, tuple[Path, str]] = {}
 
+    def _worker(self, argv: list[str], out: Path, tag: str) -> dict[str, Any] | None:
+        """Run a worker writing ``out``, or with ``--reuse`` take the ``out`` an earlier invocation left;
+        ``None`` if it failed."""
+        if not (self.args.reuse and out.is_file()):
+            rc = self._run(argv, self.scratch / f"{tag}.log")
+            if rc or not out.is_file():
+                return None
+        return json.loads(out.read_text())
+
     def _run(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
         with open(log, "w") as f:
             try:
@@ -205,10 +214,9 @@ class Runner:
         ]  # fmt: skip
         if pyspy is not None:
             argv += ["--pyspy", str(pyspy)]
-        rc = self._run(argv, self.scratch / f"{tag}.log")
-        if rc or not out.is_file():
-            return {"side": "ours", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
-        result = json.loads(out.read_text())
+        result = self._worker(argv, out, tag)
+        if result is None:
+            return {"side": "ours", "status": f"failed (log {self.scratch / f'{tag}.log'})"}
         result["epochs"] = result["epochs"][1:]
         return result
 
@@ -227,8 +235,12 @@ class Runner:
             str(self.args.harness / "flowgrpo_baseline" / "run.sh"),
             *(["--", *flags] if flags else []),
         ]
-        rc = self._run(argv, self.scratch / f"{tag}.log", env)
         timing_file = run_dir / "timing.json"
+        rc = (
+            0
+            if self.args.reuse and timing_file.is_file()
+            else self._run(argv, self.scratch / f"{tag}.log", env)
+        )
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         if timing.get("status") != "ok":
             return {"side": "official", "status": f"failed (exit {rc}, log {run_dir / 'train.log'})"}
@@ -250,10 +262,8 @@ class Runner:
         ]  # fmt: skip
         if self.args.quick:
             argv += ["--max-calls", "3"]
-        rc = self._run(argv, self.scratch / f"{tag}.log")
-        if rc or not out.is_file():
-            return {"side": "floor", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
-        return json.loads(out.read_text())
+        result = self._worker(argv, out, tag)
+        return result or {"side": "floor", "status": f"failed (log {self.scratch / f'{tag}.log'})"}
 
     def sweep(self, work: str, threads: int, tag: str) -> dict[str, Any]:
         out = self.scratch / f"{tag}.json"
@@ -262,10 +272,8 @@ class Runner:
             "--threads", str(threads), "--out", str(out), "--rows", "8", "16", "32", "64", "128",
             "--rounds", "1" if self.args.quick else "5",
         ]  # fmt: skip
-        rc = self._run(argv, self.scratch / f"{tag}.log")
-        if rc or not out.is_file():
-            return {"side": "sweep", "status": f"failed (exit {rc}, log {self.scratch / f'{tag}.log'})"}
-        return json.loads(out.read_text())
+        result = self._worker(argv, out, tag)
+        return result or {"side": "sweep", "status": f"failed (log {self.scratch / f'{tag}.log'})"}
 
 
 def uptime() -> str:
@@ -757,6 +765,12 @@ def categorize_profile(lines: list[str]) -> dict[str, int]:
     return dict(counts)
 
 
+def _load_text(result: dict[str, Any]) -> str | None:
+    """The load averages a worker recorded when it started, in ``uptime``'s words."""
+    load = result.get("loadavg_start")
+    return "load average: " + ", ".join(f"{x:.2f}" for x in load) if load else None
+
+
 def run_profile(runner: Runner, works: list[str]) -> dict[str, Any]:
     """One of our runs per work under py-spy (1 thread), then the floor in the same conditions."""
     profiles = {}
@@ -772,18 +786,22 @@ def run_profile(runner: Runner, works: list[str]) -> dict[str, Any]:
         counts = categorize_profile(raw.read_text().splitlines())
         total = sum(counts.values())
         epochs = ours["epochs"]
-        mean_wall = statistics.fmean(e["wall_s"] for e in epochs)
+        # At 1 thread the process CPU time is the time the epoch ran; wall time adds waiting for a core.
+        mean_cpu = statistics.fmean(e["wall_cpu_s"] for e in epochs)
         floor8 = next(f for f in floor["floors"] if f["batch"] == SHIPPED_BATCH)
+        by_count = sorted(counts.items(), key=lambda kv: -kv[1])
         profiles[work] = {
-            "status": "ok", "uptime_before": load, "samples": total, "epochs": len(epochs),
-            "mean_epoch_s": mean_wall,
-            "seconds_per_epoch": {k: v / total * mean_wall for k, v in sorted(counts.items(), key=lambda kv: -kv[1])},
-            "floor": {phase: p["total_s"] for phase, p in floor8["phases"].items()}, "floor_total_s": floor8["total_s"],
+            "status": "ok", "uptime_before": _load_text(ours) or load, "samples": total, "epochs": len(epochs),
+            "mean_epoch_s": statistics.fmean(e["wall_s"] for e in epochs), "mean_epoch_cpu_s": mean_cpu,
+            "cpu_seconds_per_epoch": {k: v / total * mean_cpu for k, v in by_count},
+            "floor_cpu": {phase: p["total_cpu_s"] for phase, p in floor8["phases"].items()},
+            "floor_total_cpu_s": floor8["total_cpu_s"], "floor_total_s": floor8["total_s"],
         }  # fmt: skip
     sweeps = {}
     for threads in runner.args.threads:
         load = uptime()
-        sweeps[str(threads)] = {**runner.sweep(works[0], threads, f"sweep_t{threads}"), "uptime_before": load}
+        sweep = runner.sweep(works[0], threads, f"sweep_t{threads}")
+        sweeps[str(threads)] = {**sweep, "uptime_before": _load_text(sweep) or load}
     return {"profiles": profiles, "sweeps": sweeps}
 
 
@@ -860,10 +878,11 @@ def profile_markdown(result: dict[str, Any]) -> str:
         "# Where one of our epochs goes (py-spy, 1 thread)",
         "",
         f"Run {result['date']} with `{result['command']}`: py-spy (100 Hz, non-blocking) over epochs 1–"
-        f"{result['settings']['epochs'] - 1} of one of our runs, samples turned into seconds per epoch with the "
-        "run's mean epoch time; the floor was timed right after, in the same conditions. *Beyond the floor* is "
-        "the category minus the floor of the same transformer calls (the policy forward and its backward share "
-        "the floor's forward+backward).",
+        f"{result['settings']['epochs'] - 1} of one of our runs, its samples turned into seconds per epoch with "
+        "the run's mean epoch CPU time; the floor was timed right after. All in process CPU seconds, which at 1 "
+        "thread are the time the work ran (other jobs on the machine add waiting to the wall time, not to "
+        "these). *Beyond the floor*: the row minus the floor of the same transformer calls (the policy forward "
+        "and its backward together against the floor's forward + backward).",
         "",
     ]
     for work, p in result["profile"]["profiles"].items():
@@ -871,20 +890,21 @@ def profile_markdown(result: dict[str, Any]) -> str:
             lines += [f"{work}: profile failed ({p})", ""]
             continue
         lines += [
-            f"**{work}**: epoch {p['mean_epoch_s']:.2f} s, floor {p['floor_total_s']:.2f} s "
-            f"({p['epochs']} epochs, {p['samples']} samples; load before: {p['uptime_before'].split('load average:')[-1].strip()}).",
+            f"**{work}**: epoch {p['mean_epoch_cpu_s']:.2f} CPU s ({p['mean_epoch_s']:.2f} s wall), floor "
+            f"{p['floor_total_cpu_s']:.2f} CPU s ({p['epochs']} epochs, {p['samples']} samples; load before: "
+            f"{p['uptime_before'].split('load average:')[-1].strip()}).",
             "",
-            "| where | s / epoch | floor s | beyond the floor s |",
+            "| where | CPU s / epoch | floor CPU s | beyond the floor |",
             "|---|---|---|---|",
         ]
-        seconds = p["seconds_per_epoch"]
+        seconds = p["cpu_seconds_per_epoch"]
         train_grad = seconds.get("training: backward", 0.0) + seconds.get(
             "training: policy forward (transformer)", 0.0
         )
         rows = []
         for category, value in seconds.items():
             phase = FLOOR_OF_CATEGORY.get(category)
-            floor = p["floor"].get(phase) if phase else None
+            floor = p["floor_cpu"].get(phase) if phase else None
             if category == "training: policy forward (transformer)":
                 continue
             if category == "training: backward":
@@ -955,6 +975,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="py-spy profile of our epochs at 1 thread instead"
     )
     parser.add_argument(
+        "--reuse", action="store_true", help="take the runs an interrupted invocation left in --scratch"
+    )
+    parser.add_argument(
         "--from-raw",
         type=Path,
         nargs="+",
@@ -983,14 +1006,15 @@ def build_result(args: argparse.Namespace, runs: list[dict[str, Any]], commits: 
 
 
 def _without_paths(argv: list[str]) -> list[str]:
-    """``argv`` without the options that only say where files go (they do not change the measurement)."""
+    """``argv`` without the options that only say where files go or resume a run (they do not change what is
+    measured)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in ("--scratch", "--output-dir"):
             skip = True
-        elif not arg.startswith(("--scratch=", "--output-dir=")):
+        elif arg != "--reuse" and not arg.startswith(("--scratch=", "--output-dir=")):
             out.append(arg)
     return out
 
