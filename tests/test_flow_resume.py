@@ -69,15 +69,19 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
 
 
-def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("grpo_guard", [False, True])
+def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, grpo_guard):
     # 4 prompts, 2 per generation batch of 4 images sampled once for 2 micro-steps: an epoch is 4 steps.
     # Stop at step 3 (its rollouts were sampled at step 2), run to step 6: the resumed run crosses a
-    # generation and an epoch boundary (step 4).
+    # generation and an epoch boundary (step 4). GRPO-Guard's off-policy micro-steps also need the
+    # sampling policy's step means from the buffer.
     full_recorder = LatentRecorder()
-    full = _trainer(tmp_path / "full", full_recorder, max_steps=6)
+    full = _trainer(tmp_path / "full", full_recorder, max_steps=6, grpo_guard=grpo_guard)
     full.train()
 
-    first = _trainer(tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)])
+    first = _trainer(
+        tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)], grpo_guard=grpo_guard
+    )
     first.train()
     assert first.state.global_step == 3
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
@@ -86,7 +90,7 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
     assert _lora(first).keys() == _lora(full).keys()
 
     resumed_recorder = LatentRecorder()
-    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6)
+    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6, grpo_guard=grpo_guard)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
 

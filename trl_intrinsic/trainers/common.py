@@ -687,7 +687,17 @@ class FlowTrainerBase(_BaseTrainer):
         return images
 
     def _sample_rollouts(
-        self, mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, sde_type="flow_sde"
+        self,
+        mode,
+        rows,
+        embeddings,
+        sigmas,
+        timesteps,
+        window,
+        noise_level,
+        micro,
+        sde_type="flow_sde",
+        record_means=False,
     ) -> list:
         """Trajectories of every row, ``micro`` rows per transformer batch, in eval mode (no dropout).
 
@@ -734,6 +744,7 @@ class FlowTrainerBase(_BaseTrainer):
                     sde_type=sde_type,
                     generator=generator,
                     transformer=transformer,
+                    record_means=record_means,
                 )
             )
         transformer.train(was_training)

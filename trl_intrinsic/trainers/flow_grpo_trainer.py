@@ -30,7 +30,12 @@ from trl_intrinsic.flow.rollout import sde_window, train_step_indices
 from trl_intrinsic.flow.sde import sde_step_with_logprob
 from trl_intrinsic.trainers.common import FlowTrainerBase
 from trl_intrinsic.trainers.flow_grpo_config import FlowGRPOConfig
-from trl_intrinsic.trainers.grpo_math import clipped_policy_loss, combine_rewards, gaussian_mean_kl
+from trl_intrinsic.trainers.grpo_math import (
+    clipped_ratio_loss,
+    combine_rewards,
+    gaussian_mean_kl,
+    ratio_norm_log_ratio,
+)
 
 __all__ = ["FlowGRPOTrainer"]
 
@@ -57,7 +62,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
     """
 
     config_class = FlowGRPOConfig
-    per_row_keys = ("latents", "log_probs", "advantages", "rows")
+    per_row_keys = ("latents", "log_probs", "advantages", "rows", "means")
     _tag_names = ("trl", "trl-intrinsic", "flow-grpo", "diffusers", "text-to-image")
     _name = "Flow-GRPO"
     _method_summary = "online RL for flow-matching models"
@@ -111,8 +116,9 @@ class FlowGRPOTrainer(FlowTrainerBase):
 
         # 3. Sample the trajectories, micro-batch by micro-batch.
         started = time.perf_counter()
+        guard = args.grpo_guard and mode == "train"
         rollouts = self._sample_rollouts(
-            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro
+            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, args.sde_type, guard
         )
         latents = torch.cat([r.latents for r in rollouts])
         log_probs = torch.cat([r.log_probs for r in rollouts])
@@ -136,7 +142,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
             aggregation=args.multi_objective_aggregation,
         )
         self._log_rollout_metrics(mode, all_rewards, rewards, all_groups, advantages, prompts, images, local)
-        return {
+        batch = {
             "latents": latents,
             "log_probs": log_probs,
             "advantages": advantages[local],
@@ -146,6 +152,9 @@ class FlowGRPOTrainer(FlowTrainerBase):
             "timesteps": timesteps,
             "train_steps": list(train_steps),
         }
+        if guard:  # the sampling policy's step means, for GRPO-Guard's normalised ratio
+            batch["means"] = torch.cat([r.means for r in rollouts])
+        return batch
 
     # ------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -188,24 +197,28 @@ class FlowGRPOTrainer(FlowTrainerBase):
 
     def _timestep_loss(self, model, batch: dict[str, Any], j: int) -> torch.Tensor:
         """Clipped GRPO loss (+ β·KL) of sampler step ``j`` for one micro-batch; a scalar."""
-        args = self.args
-        step = self._replay_step(model, batch, j)
+        args, metrics = self.args, self._metrics["train"]
+        step, old_log_prob = self._replay_step(model, batch, j), batch["log_probs"][:, j]
+        log_ratio = step.log_prob - old_log_prob
+        if args.grpo_guard:  # RatioNorm: an unbiased ratio whose spread does not depend on the timestep
+            old_mean = batch["means"][:, j]
+            log_ratio = ratio_norm_log_ratio(
+                step.log_prob, old_log_prob, step.prev_sample_mean, old_mean, step.noise_std
+            )
         epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        loss, stats = clipped_policy_loss(
-            step.log_prob,
-            batch["log_probs"][:, j],
+        loss, stats = clipped_ratio_loss(
+            log_ratio,
             batch["advantages"],
             epsilon_low=args.epsilon,
             epsilon_high=epsilon_high,
             adv_clip_max=args.adv_clip_max,
         )
-        metrics = self._metrics["train"]
+        if args.grpo_guard:  # gradient reweighting: divide by the step size |dt| (GRPO-Guard, Flow-GRPO form)
+            loss = loss / (batch["sigmas"][j] - batch["sigmas"][j + 1])
         metrics["policy_loss"].append(loss.item())
         metrics["clip_ratio"].append(stats["clipped"].float().mean().item())
         metrics["ratio"].append(stats["ratio"].mean().item())
-        metrics["approx_kl"].append(
-            0.5 * (step.log_prob.detach() - batch["log_probs"][:, j]).pow(2).mean().item()
-        )
+        metrics["approx_kl"].append(0.5 * (step.log_prob.detach() - old_log_prob).pow(2).mean().item())
         if args.beta > 0:
             with torch.no_grad(), self._reference_model() as reference:
                 ref_mean = self._replay_step(reference, batch, j).prev_sample_mean

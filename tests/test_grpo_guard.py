@@ -1,0 +1,138 @@
+"""GRPO-Guard in FlowGRPOTrainer: RatioNorm's identity, the per-step gradient reweighting, and training."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from trl_intrinsic import FlowGRPOConfig, FlowGRPOTrainer
+from trl_intrinsic.flow.sde import sde_step_with_logprob
+from trl_intrinsic.testing import tiny_sd3_pipeline
+from trl_intrinsic.trainers.grpo_math import ratio_norm_log_ratio
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square"]
+
+
+def brightness(prompts, images, **kwargs):
+    return [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
+
+
+def _trainer(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", seed=0,
+        per_device_train_batch_size=4, num_generations=2, max_steps=1, resolution=32,
+        num_inference_steps=4, logging_steps=1, save_strategy="no", learning_rate=1e-2,
+        guidance_scale=1.0, beta=0.0, disable_tqdm=True,
+    )  # fmt: skip
+    values.update(overrides)
+    return FlowGRPOTrainer(
+        tiny_sd3_pipeline(),
+        [brightness],
+        args=FlowGRPOConfig(**values),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", lora_dropout=0.0),
+    )
+
+
+@pytest.mark.parametrize("sde_type", ["flow_sde", "cps"])
+def test_ratio_norm_is_the_mean_of_noise_times_mean_shift(sde_type):
+    # x' = μ_old + s·ε; for a policy with mean μ = μ_old + Δμ, RatioNorm's log-ratio is mean(ε·Δμ) exactly.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, generator=gen)
+    v_old = torch.randn(x.shape, generator=gen)
+    v_new = v_old + 0.3 * torch.randn(x.shape, generator=gen)
+    old = sde_step_with_logprob(v_old, x, 0.8, 0.55, noise_level=0.7, sde_type=sde_type, generator=gen)
+    new = sde_step_with_logprob(
+        v_new, x, 0.8, 0.55, noise_level=0.7, sde_type=sde_type, prev_sample=old.prev_sample
+    )
+    s = old.noise_std
+    eps = (old.prev_sample - old.prev_sample_mean) / s
+    delta = new.prev_sample_mean - old.prev_sample_mean
+    got = ratio_norm_log_ratio(new.log_prob, old.log_prob, new.prev_sample_mean, old.prev_sample_mean, s)
+    torch.testing.assert_close(got, (eps * delta).mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-6)
+    # the plain log-ratio is that, divided by s, minus the bias RatioNorm adds back
+    bias = delta.pow(2).mean(dim=(1, 2, 3)) / (2 * s.flatten() ** 2)
+    torch.testing.assert_close(new.log_prob - old.log_prob, got / s.flatten() - bias, rtol=1e-4, atol=1e-5)
+
+
+def test_noise_std_is_the_std_of_the_step():
+    x, v = torch.zeros(2, 3), torch.ones(2, 3)
+    flow = sde_step_with_logprob(v, x, 0.6, 0.35, noise_level=0.7)
+    expected = 0.7 * math.sqrt(0.6 / 0.4) * math.sqrt(0.25)
+    torch.testing.assert_close(flow.noise_std.flatten(), torch.full((2,), expected))
+    cps = sde_step_with_logprob(v, x, 0.6, 0.35, noise_level=0.7, sde_type="cps")
+    torch.testing.assert_close(cps.noise_std, cps.std_dev)
+
+
+def _step_gradients(trainer, batch, j):
+    model = trainer.model
+    model.zero_grad()
+    trainer._timestep_loss(model, batch, j).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_on_policy_guard_gradient_is_the_plain_one_times_s_over_dt(tmp_path):
+    # On the sampling policy Δμ = 0, so ∇ log ρ̂ = s·∇ log ρ; gradient reweighting then divides by |dt|.
+    trainer = _trainer(tmp_path, grpo_guard=True)
+    trainer.model.train()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._prepare_inputs(inputs)
+    assert batch["means"].shape == batch["latents"][:, 1:].shape
+    assert batch["advantages"].abs().max() > 0
+    sigmas = batch["sigmas"]
+    for j in batch["train_steps"]:
+        guarded = _step_gradients(trainer, batch, j)
+        trainer.args.grpo_guard = False
+        plain = _step_gradients(trainer, batch, j)
+        trainer.args.grpo_guard = True
+        dt = float(sigmas[j] - sigmas[j + 1])
+        sigma, sigma_max = float(sigmas[j]), float(sigmas[1])
+        s = 0.7 * math.sqrt(sigma / (1 - (sigma_max if sigma >= 1 else sigma))) * math.sqrt(dt)
+        assert any(g.abs().max() > 0 for g in plain.values())
+        for name in plain:
+            torch.testing.assert_close(guarded[name], plain[name] * s / dt, rtol=2e-3, atol=1e-8)
+
+
+@pytest.mark.parametrize("sde_type", ["flow_sde", "cps"])
+def test_first_iteration_is_on_policy_for_either_sde(tmp_path, sde_type):
+    trainer = _trainer(tmp_path, sde_type=sde_type, noise_level=0.5)
+    history = []
+    original = trainer.log
+
+    def log(logs, start_time=None):
+        history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
+        original(logs, start_time)
+
+    trainer.log = log
+    trainer.train()
+    np.testing.assert_allclose(history[0]["ratio"], 1.0, atol=1e-5)
+
+
+def test_guarded_off_policy_training_moves_the_ratio_and_the_weights(tmp_path):
+    trainer = _trainer(tmp_path, grpo_guard=True, num_iterations=2, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    history = []
+    original = trainer.log
+
+    def log(logs, start_time=None):
+        history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
+        original(logs, start_time)
+
+    trainer.log = log
+    trainer.train()
+    first, second = history[0]["ratio"], history[1]["ratio"]
+    np.testing.assert_allclose(first, 1.0, atol=1e-6)  # on-policy: Δμ = 0
+    assert all(math.isfinite(r) for r in second) and max(abs(r - 1) for r in second) > 1e-6
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(after[n]).all() for n in before)
+
+
+def test_the_rollout_keeps_step_means_only_with_the_guard(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert "means" not in batch
