@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -41,6 +42,7 @@ from trl import GRPOConfig
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
+from trl_intrinsic.memory import MemoryEstimate, optimizer_state_factor, tensor_bytes
 from trl_intrinsic.seeding import derived_generator
 from trl_intrinsic.validation import Range, check_choice, check_ranges
 
@@ -320,6 +322,20 @@ def front_matter(entries: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- images
+def move_tensors(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor inside mappings, lists, tuples and dataclasses moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return type(value)((k, move_tensors(v, device)) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return type(value)(move_tensors(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: move_tensors(getattr(value, f.name), device) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value
+
+
 def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
     """Tile equally sized images row by row, ``columns`` per row."""
     columns = max(1, min(columns, len(images)))
@@ -379,6 +395,11 @@ class FlowTrainingConfig(GRPOConfig):
         collapse_action (`str`, *optional*, defaults to `"warn"`):
             What a collapse (as above) does: `"warn"` once, or `"stop"` training at that step without
             checkpointing it, so that the last checkpoint holds the model from before the collapse.
+        offload_rollout_buffer (`bool`, *optional*, defaults to `False`):
+            Keep the generation batch's tensors (latents, log-probabilities, prompt embeddings, …) in CPU memory
+            between sampling and training, and move each micro-batch to the accelerator when it is trained on.
+            Frees `trainer.memory_estimate().rollout_buffer` bytes of accelerator memory for one host-to-device
+            copy per micro-batch; the numbers are unchanged. No effect when training on the CPU.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -421,6 +442,10 @@ class FlowTrainingConfig(GRPOConfig):
         metadata={
             "help": "Warn when latent texture falls below this fraction of its first value; 0 disables."
         },
+    )
+    offload_rollout_buffer: bool = field(
+        default=False,
+        metadata={"help": "Keep the generation batch in CPU memory between sampling and training."},
     )
 
     def _field_rules(self) -> list[Range]:
@@ -631,10 +656,13 @@ class FlowTrainerBase(_BaseTrainer):
         if self._resume_checkpoint is not None:
             self._restore_from_checkpoint(self._resume_checkpoint)
             self._resume_checkpoint = None
+        offload = self.args.offload_rollout_buffer
         if self._step % self.generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(generation_batch, mode="train")
+            batch = move_tensors(batch, "cpu") if offload else batch
             self._buffered_inputs = self._split(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+        chunk = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return move_tensors(chunk, self.accelerator.device) if offload else chunk
 
     def _split(self, batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
         size = len(batch[self.per_row_keys[0]]) // num_chunks
@@ -1018,10 +1046,52 @@ class FlowTrainerBase(_BaseTrainer):
     # ------------------------------------------------------------------ checkpoints, resume and saving
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
-        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
+        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind). The main process
+        first prints :meth:`memory_estimate`."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self.is_world_process_zero():
+            print(self.memory_estimate().format())
         self._resume_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """The memory this run keeps resident per process, without activations (:mod:`trl_intrinsic.memory`).
+
+        The rollout buffer holds ``per_device_train_batch_size × steps_per_generation`` images (the per-image
+        tensors of :meth:`_rollout_bytes_per_image`) and the embeddings of their unique prompts, measured by
+        encoding one prompt.
+        """
+        args = self.args
+        modules = [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        images = args.per_device_train_batch_size * args.steps_per_generation
+        latent_numel = math.prod(self.adapter.latent_shape(args.resolution, args.resolution))
+        use_cfg = args.guidance_scale > 1.0
+        with torch.no_grad():
+            one = self.adapter.encode_prompts(
+                [""],
+                negative_prompt=args.negative_prompt if use_cfg else None,
+                max_sequence_length=args.max_sequence_length,
+            )
+        prompts = math.ceil(images / self.num_generations)
+        embeddings = prompts * tensor_bytes(one.cond) + tensor_bytes(one.uncond, one.shared)
+        return MemoryEstimate(
+            weights=tensor_bytes(*modules),
+            trainable=trainable,
+            gradients=trainable,
+            optimizer_state=int(trainable * optimizer_state_factor(args.optim)),
+            copies=tensor_bytes(self.ref_transformer) + self._copy_bytes(),
+            rollout_buffer=images * self._rollout_bytes_per_image(latent_numel) + embeddings,
+        )
+
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        """Bytes of the per-image tensors a generation batch keeps (``per_row_keys``) for a latent of
+        ``latent_numel`` elements; the algorithm's own layout."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `_rollout_bytes_per_image`.")
+
+    def _copy_bytes(self) -> int:
+        """Bytes of the algorithm's own copies of weights (besides a frozen reference transformer)."""
+        return 0
 
     def _extra_state(self) -> dict[str, Any]:
         """Trainer state saved beside ``Trainer``'s in every checkpoint (restored by :meth:`_restore_extra_state`)."""

@@ -173,6 +173,12 @@ class DiffusionNFTTrainer(FlowTrainerBase):
             "sigmas": sigmas,
         }
 
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        return 4 * (latent_numel + 2) + 8  # float32 clean latent, r and advantage; int64 prompt row
+
+    def _copy_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._old_params)
+
     # ------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """Sample (every ``steps_per_generation × num_iterations`` calls), then back-propagate the NFT loss at

@@ -90,6 +90,11 @@ class FlowGRPOTrainer(FlowTrainerBase):
             f"guidance {args.guidance_scale}; β = {args.beta}"
         )
 
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        steps = self.args.num_inference_steps
+        latents = (steps + 1 + (steps if self.args.grpo_guard else 0)) * latent_numel  # (+ the step means)
+        return 4 * (latents + steps + 1) + 8  # float32 latents, log-probs and advantage; int64 prompt row
+
     # ------------------------------------------------------------------ rollouts and rewards
     @torch.no_grad()
     def _generate_and_score(self, inputs: list[dict], mode: str) -> dict[str, Any]:
