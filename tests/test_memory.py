@@ -9,6 +9,7 @@ from peft import LoraConfig
 from trl_intrinsic import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOConfig, FlowGRPOTrainer
 from trl_intrinsic.memory import MemoryEstimate, optimizer_state_factor, tensor_bytes
 from trl_intrinsic.testing import tiny_sd3_pipeline
+from trl_intrinsic.toyworld.models import load_toy_pipeline
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square"]
 COMMON = dict(
@@ -22,11 +23,12 @@ def brightness(prompts, images, **kwargs):
     return [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
 
 
-def _flow_grpo(tmp_path, lora=True, **overrides):
+def _flow_grpo(tmp_path, lora=True, toy=False, **overrides):
     args = FlowGRPOConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **overrides})
     peft = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0) if lora else None
     dataset = Dataset.from_dict({"prompt": PROMPTS})
-    return FlowGRPOTrainer(tiny_sd3_pipeline(), [brightness], args=args, train_dataset=dataset, peft_config=peft)
+    pipeline = load_toy_pipeline() if toy else tiny_sd3_pipeline()
+    return FlowGRPOTrainer(pipeline, [brightness], args=args, train_dataset=dataset, peft_config=peft)
 
 
 def _measured(trainer) -> MemoryEstimate:
@@ -60,7 +62,9 @@ def _assert_close(estimate, measured, rel=0.25):
         {},  # LoRA, CFG, no frozen copy
         {"grpo_guard": True, "guidance_scale": 1.0},  # the buffer also holds the step means
         {"lora": False, "beta": 0.04},  # full fine-tuning keeps a frozen reference
+        {"toy": True},  # the shipped toy SD3
     ],
+    ids=["lora-cfg", "guard", "full-fine-tuning", "toy-sd3"],
 )
 def test_flow_grpo_estimate_matches_the_tensors_held(tmp_path, overrides, capsys):
     trainer = _flow_grpo(tmp_path, **overrides)
