@@ -39,7 +39,7 @@ def _measured(trainer) -> MemoryEstimate:
     trainer.model.zero_grad()
     trainer.training_step(trainer.model, batch).item()  # fills every gradient
     trainer._step -= 1
-    copies = tensor_bytes(trainer.ref_transformer) + tensor_bytes(getattr(trainer, "_old_params", []))
+    copies = tensor_bytes(trainer.ref_transformer) + tensor_bytes(trainer._old.tensors if hasattr(trainer, "_old") else [])
     return MemoryEstimate(
         weights=tensor_bytes(*modules),
         trainable=tensor_bytes(trainable),
