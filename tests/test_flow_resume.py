@@ -69,18 +69,20 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
 
 
-@pytest.mark.parametrize("grpo_guard", [False, True])
-def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, grpo_guard):
+@pytest.mark.parametrize(
+    "options", [{}, {"grpo_guard": True}, {"ema": True, "ema_update_interval": 2}], ids=["plain", "guard", "ema"]
+)
+def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, options):
     # 4 prompts, 2 per generation batch of 4 images sampled once for 2 micro-steps: an epoch is 4 steps.
     # Stop at step 3 (its rollouts were sampled at step 2), run to step 6: the resumed run crosses a
     # generation and an epoch boundary (step 4). GRPO-Guard's off-policy micro-steps also need the
-    # sampling policy's step means from the buffer.
+    # sampling policy's step means from the buffer; an EMA of the weights is restored from the checkpoint.
     full_recorder = LatentRecorder()
-    full = _trainer(tmp_path / "full", full_recorder, max_steps=6, grpo_guard=grpo_guard)
+    full = _trainer(tmp_path / "full", full_recorder, max_steps=6, **options)
     full.train()
 
     first = _trainer(
-        tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)], grpo_guard=grpo_guard
+        tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)], **options
     )
     first.train()
     assert first.state.global_step == 3
@@ -90,7 +92,7 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, grpo_g
     assert _lora(first).keys() == _lora(full).keys()
 
     resumed_recorder = LatentRecorder()
-    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6, grpo_guard=grpo_guard)
+    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6, **options)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
 
@@ -108,6 +110,8 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, grpo_g
     full_weights, resumed_weights = _lora(full), _lora(resumed)
     assert any(v.abs().max() > 0 for k, v in full_weights.items() if "lora_B" in k)
     torch.testing.assert_close(resumed_weights, full_weights, rtol=1e-5, atol=1e-7)
+    if options.get("ema"):
+        torch.testing.assert_close(resumed._ema.tensors, full._ema.tensors, rtol=1e-5, atol=1e-7)
     full_state = full.optimizer.state_dict()["state"]
     resumed_state = resumed.optimizer.state_dict()["state"]
     assert full_state.keys() == resumed_state.keys()

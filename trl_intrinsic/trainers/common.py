@@ -42,6 +42,7 @@ from trl import GRPOConfig
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
+from trl_intrinsic.ema import ParameterCopy, warmup_ema_decay
 from trl_intrinsic.memory import MemoryEstimate, optimizer_state_factor, tensor_bytes
 from trl_intrinsic.seeding import derived_generator
 from trl_intrinsic.validation import Range, check_choice, check_ranges
@@ -52,6 +53,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 """Written last by ``Trainer._save_checkpoint``: its presence marks a complete checkpoint."""
 ROLLOUT_BUFFER_NAME = "rollout_buffer_{rank}.safetensors"
 EXTRA_STATE_NAME = "trl_intrinsic_state.json"
+EMA_NAME = "ema.safetensors"
 TRAINING_ARGS_NAME = "training_args.json"
 
 # Metadata a rollout buffer must agree on with the run that resumes it.
@@ -395,6 +397,16 @@ class FlowTrainingConfig(GRPOConfig):
         collapse_action (`str`, *optional*, defaults to `"warn"`):
             What a collapse (as above) does: `"warn"` once, or `"stop"` training at that step without
             checkpointing it, so that the last checkpoint holds the model from before the collapse.
+        ema (`bool`, *optional*, defaults to `False`):
+            Keep an exponential moving average of the trainable weights, as Flow-GRPO's reference does
+            (`train.ema`), and use it for `evaluate()` and `save_model()` (checkpoints keep the raw weights
+            for an exact resume, plus the average in `ema.safetensors`). After optimizer step `s`, every
+            `ema_update_interval` steps: `ema ← d·ema + (1 − d)·θ` with `d = min((1 + s)/(10 + s), ema_decay)`.
+            Costs one copy of the trainable weights.
+        ema_decay (`float`, *optional*, defaults to `0.9`):
+            Largest EMA decay (the reference's 0.9 with an interval of 8 averages over about 80 steps).
+        ema_update_interval (`int`, *optional*, defaults to `8`):
+            Optimizer steps between two EMA updates.
         offload_rollout_buffer (`bool`, *optional*, defaults to `False`):
             Keep the generation batch's tensors (latents, log-probabilities, prompt embeddings, …) in CPU memory
             between sampling and training, and move each micro-batch to the accelerator when it is trained on.
@@ -443,6 +455,11 @@ class FlowTrainingConfig(GRPOConfig):
             "help": "Warn when latent texture falls below this fraction of its first value; 0 disables."
         },
     )
+    ema: bool = field(
+        default=False, metadata={"help": "Evaluate and save an EMA of the trainable weights (Flow-GRPO's train.ema)."}
+    )
+    ema_decay: float = field(default=0.9, metadata={"help": "Largest EMA decay."})
+    ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
     offload_rollout_buffer: bool = field(
         default=False,
         metadata={"help": "Keep the generation batch in CPU memory between sampling and training."},
@@ -509,6 +526,8 @@ FLOW_FIELD_RULES = (
     Range("max_sequence_length", 1, integer=True, optional=True),
     Range("adv_clip_max", 0, low_open=True, fix="the references use 5."),
     Range("collapse_warning_ratio", 0, 1, high_open=True, fix="0 disables the warning."),
+    Range("ema_decay", 0, 1, high_open=True, fix="Flow-GRPO's reference uses 0.9."),
+    Range("ema_update_interval", 1, integer=True, fix="Flow-GRPO's reference updates every 8 steps."),
 )
 
 
@@ -613,6 +632,11 @@ class FlowTrainerBase(_BaseTrainer):
         self._collapse_warned = False
         self._collapse_stop = False  # set by the collapse statistics with `collapse_action="stop"`
         self.add_callback(_StopOnCollapse(self))
+        # An EMA of the trainable weights for evaluation and saving (Flow-GRPO's `train.ema`).
+        trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        self._ema = ParameterCopy(trainable) if args.ema else None
+        if self._ema is not None:
+            self.add_callback(_EMAStep(self))
 
     def _needs_frozen_reference(self, args: Any) -> bool:
         """Whether full fine-tuning keeps a frozen copy of the initial transformer (for a KL term)."""
@@ -681,7 +705,20 @@ class FlowTrainerBase(_BaseTrainer):
         """``Trainer.evaluate``. Evaluation samples start from the same noise on every call, whatever the
         training step, so successive evaluations compare models, not noise draws."""
         self._eval_batches = 0
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        with self._ema_weights():
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _ema_weights(self) -> contextlib.AbstractContextManager:
+        """The EMA weights swapped into the model for a block (with ``ema=True``; otherwise nothing changes)."""
+        return self._ema.swapped() if self._ema is not None else contextlib.nullcontext()
+
+    def _update_ema(self) -> None:
+        """After optimizer step ``s``: blend the weights into the EMA every ``ema_update_interval`` steps."""
+        step = self.state.global_step
+        if (step + 1) % self.args.ema_update_interval == 0:
+            decay = warmup_ema_decay(step, self.args.ema_decay)
+            self._ema.blend_(decay)
+            self._metrics["train"]["ema/decay"].append(decay)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._prepare_inputs(inputs)  # samples deterministically and records the eval rewards
@@ -1090,8 +1127,9 @@ class FlowTrainerBase(_BaseTrainer):
         raise NotImplementedError(f"{type(self).__name__} must implement `_rollout_bytes_per_image`.")
 
     def _copy_bytes(self) -> int:
-        """Bytes of the algorithm's own copies of weights (besides a frozen reference transformer)."""
-        return 0
+        """Bytes of the copies of trainable weights (the EMA; a subclass adds its own), besides a frozen
+        reference transformer."""
+        return self._ema.nbytes() if self._ema is not None else 0
 
     def _extra_state(self) -> dict[str, Any]:
         """Trainer state saved beside ``Trainer``'s in every checkpoint (restored by :meth:`_restore_extra_state`)."""
@@ -1122,6 +1160,8 @@ class FlowTrainerBase(_BaseTrainer):
             )
         if self.accelerator.is_main_process:
             save_extra_state(folder, self._extra_state())
+            if self._ema is not None:
+                self._ema.save(os.path.join(folder, EMA_NAME))
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
@@ -1129,6 +1169,8 @@ class FlowTrainerBase(_BaseTrainer):
         """Put the trainer where it stopped: the micro-step counter, extra state and the rollouts in use."""
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._restore_extra_state(load_extra_state(checkpoint))
+        if self._ema is not None:
+            self._ema.load(os.path.join(checkpoint, EMA_NAME), "EMA weights (`ema=True`)")
         chunks = load_rollout_buffer(
             checkpoint,
             rank=self.accelerator.process_index,
@@ -1167,9 +1209,11 @@ class FlowTrainerBase(_BaseTrainer):
             # sharded engines need every process to take part in collecting the state dict
             self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self._save(output_dir)
-            if not _internal_call and self.args.save_full_pipeline and not self.use_lora:
-                self.pipeline.save_pretrained(output_dir, safe_serialization=True)
+            # The EMA (with `ema=True`) is what a user gets; checkpoints keep the raw weights for a resume.
+            with self._ema_weights() if not _internal_call else contextlib.nullcontext():
+                self._save(output_dir)
+                if not _internal_call and self.args.save_full_pipeline and not self.use_lora:
+                    self.pipeline.save_pretrained(output_dir, safe_serialization=True)
             self.create_model_card(output_dir=output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -1304,6 +1348,17 @@ class _StopOnCollapse(TrainerCallback):
         if self.trainer._collapse_stop:
             control.should_training_stop = True
             control.should_save = False
+        return control
+
+
+class _EMAStep(TrainerCallback):
+    """Updates the trainer's EMA of the trainable weights after each optimizer step (``ema=True``)."""
+
+    def __init__(self, trainer: FlowTrainerBase):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_ema()
         return control
 
 
