@@ -4,9 +4,9 @@ For a prompt group g with rewards ``r_i``::
 
     A_i = (r_i − mean_g(r)) / (std + 1e-4)
 
-where ``std`` is the group's standard deviation (``scale_rewards="group"``), that of the whole
-gathered batch (``"batch"``, Flow-GRPO's default) or 1 (``"none"``). Advantages are clipped to
-``±adv_clip_max``. With the ratio ``ρ = exp(log p − log p_old)`` the per-sample loss is::
+where ``std`` is the group's standard deviation (``scale_rewards="group"``), that of all the rewards
+of the gathered batch (``"batch"``: Flow-GRPO's ``global_std`` and TRL's ``"batch"``) or 1
+(``"none"``). Advantages are clipped to ``±adv_clip_max``. With the ratio ``ρ = exp(log p − log p_old)`` the per-sample loss is::
 
     max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))
 
@@ -73,8 +73,10 @@ def group_advantages(
     if scale_rewards == "group":
         sq = torch.zeros(num_groups, device=rewards.device).index_add_(0, inverse, centered**2)
         std = torch.sqrt(sq / count.clamp_min(1))[inverse]
-    elif scale_rewards == "batch":
-        std = torch.sqrt((centered**2).sum() / valid.sum().clamp_min(1)).expand_as(rewards)
+    elif scale_rewards == "batch":  # the std of the raw rewards of the whole batch, as Flow-GRPO and TRL
+        batch_mean = filled.sum() / valid.sum().clamp_min(1)
+        spread = torch.where(valid, rewards - batch_mean, torch.zeros_like(rewards))
+        std = torch.sqrt((spread**2).sum() / valid.sum().clamp_min(1)).expand_as(rewards)
     return centered / (std + eps)
 
 
