@@ -407,6 +407,13 @@ class FlowTrainingConfig(GRPOConfig):
             Largest EMA decay (the reference's 0.9 with an interval of 8 averages over about 80 steps).
         ema_update_interval (`int`, *optional*, defaults to `8`):
             Optimizer steps between two EMA updates.
+        drop_zero_advantage (`bool`, *optional*, defaults to `False`):
+            Train only on the samples whose advantage is not zero (groups whose rewards all agree carry no
+            policy gradient), as Flow-GRPO's reference does: the kept samples are split into the
+            `steps_per_generation` micro-batches, which shrink accordingly, and random dropped samples are put
+            back so that every micro-batch has the same size. Saves the training compute of those samples;
+            each kept sample weighs more in the micro-batch mean, and dropped samples add no KL term.
+            `kept_fraction` is logged.
         offload_rollout_buffer (`bool`, *optional*, defaults to `False`):
             Keep the generation batch's tensors (latents, log-probabilities, prompt embeddings, …) in CPU memory
             between sampling and training, and move each micro-batch to the accelerator when it is trained on.
@@ -460,6 +467,9 @@ class FlowTrainingConfig(GRPOConfig):
     )
     ema_decay: float = field(default=0.9, metadata={"help": "Largest EMA decay."})
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    drop_zero_advantage: bool = field(
+        default=False, metadata={"help": "Train only on samples with a non-zero advantage (Flow-GRPO's filter)."}
+    )
     offload_rollout_buffer: bool = field(
         default=False,
         metadata={"help": "Keep the generation batch in CPU memory between sampling and training."},
@@ -683,10 +693,27 @@ class FlowTrainerBase(_BaseTrainer):
         offload = self.args.offload_rollout_buffer
         if self._step % self.generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(generation_batch, mode="train")
+            if self.args.drop_zero_advantage:
+                batch = self._keep_informative(batch)
             batch = move_tensors(batch, "cpu") if offload else batch
             self._buffered_inputs = self._split(batch, self.args.steps_per_generation)
         chunk = self._buffered_inputs[self._step % self.args.steps_per_generation]
         return move_tensors(chunk, self.accelerator.device) if offload else chunk
+
+    def _keep_informative(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The rows of a generation batch with a non-zero advantage, plus random others so that the count is a
+        positive multiple of ``steps_per_generation`` (``drop_zero_advantage``)."""
+        advantages, chunks = batch["advantages"], self.args.steps_per_generation
+        keep = advantages != 0
+        kept = int(keep.sum())
+        target = max(chunks, math.ceil(kept / chunks) * chunks)
+        if target > kept:
+            dropped = (~keep).nonzero().flatten()
+            order = torch.randperm(len(dropped), generator=self._generator("keep")).to(dropped.device)
+            keep[dropped[order[: target - kept]]] = True
+        index = keep.nonzero().flatten()
+        self._metrics["train"]["kept_fraction"].append(len(index) / len(advantages))
+        return {k: (v[index] if k in self.per_row_keys else v) for k, v in batch.items()}
 
     def _split(self, batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
         size = len(batch[self.per_row_keys[0]]) // num_chunks

@@ -1,4 +1,5 @@
-"""GRPO-Guard in FlowGRPOTrainer: RatioNorm's identity, the per-step gradient reweighting, and training."""
+"""Flow-GRPO recipe knobs from the reference: GRPO-Guard (RatioNorm, per-step reweighting) and dropping
+samples with zero advantage."""
 
 import math
 
@@ -136,3 +137,40 @@ def test_the_rollout_keeps_step_means_only_with_the_guard(tmp_path):
     trainer.model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert "means" not in batch
+
+
+def first_two_prompts_only(prompts, images, **kwargs):
+    """Brightness for two of the four prompts; a constant for the others, whose groups carry no gradient."""
+    return [
+        float(np.asarray(image, dtype=np.float32).mean() / 255) if prompt in PROMPTS[:2] else 0.5
+        for prompt, image in zip(prompts, images, strict=True)
+    ]
+
+
+def test_drop_zero_advantage_trains_only_informative_samples(tmp_path):
+    trainer = _trainer(
+        tmp_path, drop_zero_advantage=True, per_device_train_batch_size=2, steps_per_generation=4,
+        scale_rewards="group", max_steps=1,
+    )  # fmt: skip
+    trainer.reward_funcs = [first_two_prompts_only]
+    trainer.model.train()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer._prepare_inputs(inputs)
+    chunks = trainer._buffered_inputs
+    assert len(chunks) == 4  # still steps_per_generation micro-batches, now of one image each
+    kept = torch.cat([c["advantages"] for c in chunks])
+    assert kept.shape == (4,) and bool((kept != 0).all())
+    assert trainer._metrics["train"]["kept_fraction"] == [0.5]
+    for chunk in chunks:
+        assert chunk["latents"].shape[0] == chunk["rows"].shape[0] == chunk["log_probs"].shape[0] == 1
+        assert chunk["rows"].item() in (0, 1)  # the informative prompts are the first two unique ones
+
+
+def test_drop_zero_advantage_keeps_a_micro_batch_when_nothing_is_informative(tmp_path):
+    trainer = _trainer(tmp_path, drop_zero_advantage=True, max_steps=2)
+    trainer.reward_funcs = [lambda prompts, images, **kw: [0.5] * len(prompts)]
+    trainer.reward_func_names = ["constant"]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    logged = [h["kept_fraction"] for h in trainer.state.log_history if "kept_fraction" in h]
+    assert logged == [0.25, 0.25]  # one image of four: the smallest micro-batch, never an empty one
