@@ -174,3 +174,53 @@ def test_drop_zero_advantage_keeps_a_micro_batch_when_nothing_is_informative(tmp
     assert trainer.state.global_step == 2
     logged = [h["kept_fraction"] for h in trainer.state.log_history if "kept_fraction" in h]
     assert logged == [0.25, 0.25]  # one image of four: the smallest micro-batch, never an empty one
+
+
+def _count_forwards(trainer):
+    """Rows of every transformer forward, in order."""
+    rows = []
+    trainer.model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    return rows
+
+
+def test_detached_uncond_is_reused_from_sampling_while_the_weights_are_unchanged(tmp_path):
+    trainer = _trainer(
+        tmp_path, guidance_scale=4.5, cfg_uncond_gradient=False, num_iterations=2, max_steps=2, beta=0.0,
+    )  # fmt: skip
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    steps = batch["train_steps"]
+    assert batch["uncond"].shape == (4, len(steps), *batch["latents"].shape[2:])
+    assert batch["sampled_at"] == 0
+
+    # the recorded unconditional velocity is what a fresh forward at those weights gives
+    j = steps[0]
+    with torch.no_grad():
+        fresh = trainer.adapter.predict_velocity(
+            batch["latents"][:, j], batch["timesteps"][j], batch["embeddings"], batch["rows"],
+            guidance_scale=4.5, return_uncond=True, transformer=trainer.model,
+        )[1]  # fmt: skip
+    torch.testing.assert_close(batch["uncond"][:, 0], fresh, rtol=1e-4, atol=1e-5)
+
+    # on unchanged weights the cached and the recomputed uncond give the same gradient, with half the rows
+    rows = _count_forwards(trainer)
+    cached = _step_gradients(trainer, batch, j)
+    assert rows == [4]  # the conditional half only
+    batch["sampled_at"] = -1  # as after an optimizer step: recompute without gradients
+    rows.clear()
+    recomputed = _step_gradients(trainer, batch, j)
+    assert rows == [4, 4]  # the unconditional half without gradients, then the conditional one
+    assert any(g.abs().max() > 0 for g in cached.values())
+    for name in cached:
+        torch.testing.assert_close(cached[name], recomputed[name], rtol=1e-3, atol=1e-7)
+
+
+def test_cache_is_not_used_after_an_optimizer_step(tmp_path):
+    trainer = _trainer(
+        tmp_path, guidance_scale=4.5, cfg_uncond_gradient=False, num_iterations=2, max_steps=2, beta=0.0,
+    )  # fmt: skip
+    rows = _count_forwards(trainer)
+    trainer.train()
+    # sampling: 4 steps × 8 rows (both halves); iteration 1: 3 trained steps × 4 rows (cached uncond);
+    # iteration 2, after the optimizer step: 3 × (4 without gradients + 4 with)
+    assert rows == [8] * 4 + [4] * 3 + [4, 4] * 3

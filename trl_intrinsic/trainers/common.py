@@ -790,6 +790,7 @@ class FlowTrainerBase(_BaseTrainer):
         micro,
         sde_type="flow_sde",
         record_means=False,
+        record_uncond=(),
     ) -> list:
         """Trajectories of every row, ``micro`` rows per transformer batch, in eval mode (no dropout).
 
@@ -837,6 +838,7 @@ class FlowTrainerBase(_BaseTrainer):
                     generator=generator,
                     transformer=transformer,
                     record_means=record_means,
+                    record_uncond=record_uncond,
                 )
             )
         transformer.train(was_training)

@@ -21,6 +21,7 @@ shared with the other flow trainers (:class:`~trl_intrinsic.trainers.common.Flow
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -62,7 +63,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
     """
 
     config_class = FlowGRPOConfig
-    per_row_keys = ("latents", "log_probs", "advantages", "rows", "means")
+    per_row_keys = ("latents", "log_probs", "advantages", "rows", "means", "uncond")
     _tag_names = ("trl", "trl-intrinsic", "flow-grpo", "diffusers", "text-to-image")
     _name = "Flow-GRPO"
     _method_summary = "online RL for flow-matching models"
@@ -91,9 +92,12 @@ class FlowGRPOTrainer(FlowTrainerBase):
         )
 
     def _rollout_bytes_per_image(self, latent_numel: int) -> int:
-        steps = self.args.num_inference_steps
-        latents = (steps + 1 + (steps if self.args.grpo_guard else 0)) * latent_numel  # (+ the step means)
-        return 4 * (latents + steps + 1) + 8  # float32 latents, log-probs and advantage; int64 prompt row
+        args, steps = self.args, self.args.num_inference_steps
+        window = args.sde_window_size or steps - 1
+        trained = max(1, math.ceil(args.timestep_fraction * window - 1e-9))
+        latents = steps + 1 + (steps if args.grpo_guard else 0) + (trained if self._caches_uncond else 0)
+        return 4 * (latents * latent_numel + steps + 1) + 8  # float32 latents (+ step means, + uncond
+        # velocities), log-probs and advantage; int64 prompt row
 
     # ------------------------------------------------------------------ rollouts and rewards
     @torch.no_grad()
@@ -122,8 +126,9 @@ class FlowGRPOTrainer(FlowTrainerBase):
         # 3. Sample the trajectories, micro-batch by micro-batch.
         started = time.perf_counter()
         guard = args.grpo_guard and mode == "train"
+        cached = train_steps if mode == "train" and self._caches_uncond else ()
         rollouts = self._sample_rollouts(
-            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, args.sde_type, guard
+            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, args.sde_type, guard, cached
         )
         latents = torch.cat([r.latents for r in rollouts])
         log_probs = torch.cat([r.log_probs for r in rollouts])
@@ -159,6 +164,9 @@ class FlowGRPOTrainer(FlowTrainerBase):
         }
         if guard:  # the sampling policy's step means, for GRPO-Guard's normalised ratio
             batch["means"] = torch.cat([r.means for r in rollouts])
+        if cached:  # the unconditional velocities at the trained steps, valid until the next optimizer step
+            batch["uncond"] = torch.cat([r.uncond for r in rollouts])
+            batch["sampled_at"] = self.state.global_step
         return batch
 
     # ------------------------------------------------------------------ loss
@@ -176,8 +184,15 @@ class FlowGRPOTrainer(FlowTrainerBase):
         self._step += 1
         return total
 
-    def _replay_step(self, transformer, batch: dict[str, Any], j: int):
-        """Re-evaluate stored transition ``j`` (x_j → x_{j+1}) of a micro-batch under ``transformer``."""
+    @property
+    def _caches_uncond(self) -> bool:
+        """Whether rollouts keep the unconditional velocity of the trained steps: with guidance and a detached
+        unconditional half, training on unchanged weights reuses it instead of running that half again."""
+        return self.args.guidance_scale > 1.0 and not self.args.cfg_uncond_gradient
+
+    def _replay_step(self, transformer, batch: dict[str, Any], j: int, uncond_velocity=None):
+        """Re-evaluate stored transition ``j`` (x_j → x_{j+1}) of a micro-batch under ``transformer``;
+        ``uncond_velocity`` (B, ...) is a known unconditional prediction of ``transformer`` at x_j."""
         args, sigmas = self.args, batch["sigmas"]
         x = batch["latents"][:, j]
         velocity = self.adapter.predict_velocity(
@@ -187,7 +202,8 @@ class FlowGRPOTrainer(FlowTrainerBase):
             batch["rows"],
             guidance_scale=args.guidance_scale,
             transformer=transformer,
-            detach_uncond=not args.cfg_uncond_gradient,
+            detach_uncond=not args.cfg_uncond_gradient and torch.is_grad_enabled(),
+            uncond_velocity=uncond_velocity,
         )
         return sde_step_with_logprob(
             velocity,
@@ -203,7 +219,10 @@ class FlowGRPOTrainer(FlowTrainerBase):
     def _timestep_loss(self, model, batch: dict[str, Any], j: int) -> torch.Tensor:
         """Clipped GRPO loss (+ β·KL) of sampler step ``j`` for one micro-batch; a scalar."""
         args, metrics = self.args, self._metrics["train"]
-        step, old_log_prob = self._replay_step(model, batch, j), batch["log_probs"][:, j]
+        # The sampled unconditional velocity is exact while no optimizer step has changed the weights.
+        fresh = "uncond" in batch and batch["sampled_at"] == self.state.global_step
+        cached = batch["uncond"][:, batch["train_steps"].index(j)] if fresh else None
+        step, old_log_prob = self._replay_step(model, batch, j, cached), batch["log_probs"][:, j]
         log_ratio = step.log_prob - old_log_prob
         if args.grpo_guard:  # RatioNorm: an unbiased ratio whose spread does not depend on the timestep
             old_mean = batch["means"][:, j]
