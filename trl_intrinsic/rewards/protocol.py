@@ -1,5 +1,5 @@
-"""The wire format of remote rewards: what :class:`~trl_intrinsic.rewards.remote.RemoteReward` sends and
-what ``python -m trl_intrinsic.rewards.serve`` answers. Both sides use the functions of this module.
+"""The wire format of remote rewards: what ``RemoteReward`` sends and what ``python -m
+trl_intrinsic.rewards.serve`` answers. Both sides use the functions of this module.
 
 ``POST /score`` — score N images (N ≥ 1), body (JSON)::
 

@@ -92,12 +92,14 @@ class _Job(NamedTuple):
 
 
 class RemoteReward:
-    """A reward computed by a server (``python -m trl_intrinsic.rewards.serve``), one float or ``None`` per
-    image.
+    """A reward computed by a server (``python -m trl_intrinsic.rewards.serve``), called like a local one.
 
     Called as a flow reward ``reward(prompts, images, **kwargs)`` or a TRL/Janus reward
     ``reward(prompts=..., completions=[PIL images], **kwargs)``; returns ``list[float | None]`` of the
-    images' length, ``None`` where the image is ``None`` or the server's reward does not apply. Arguments
+    images' length, ``None`` where the image is ``None`` or the server's reward does not apply. The call
+    is synchronous: it returns once every batch is scored (the batches are sent concurrently), in any
+    context; ``await reward.acall(...)`` from async code. ``AsyncRemoteReward`` is the same reward
+    as an async callable, which the trainers await together with their other async rewards. Arguments
     are checked here, before any request; nothing is sent until the first call.
 
     Args:
@@ -173,7 +175,7 @@ class RemoteReward:
         completions: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        """:meth:`__call__` for async code: the requests run on the caller's event loop."""
+        """The call, for async code: the requests run on the caller's event loop."""
         return await self._score(self._job(prompts, images, completions, kwargs))
 
     # -- one call ---------------------------------------------------------------------------------
@@ -314,11 +316,11 @@ class RemoteReward:
 
 
 class AsyncRemoteReward(RemoteReward):
-    """:class:`RemoteReward` whose call is a coroutine function, for trainers that await async rewards.
+    """``RemoteReward`` whose call is a coroutine function, for trainers that await async rewards.
 
     The trainers (``FlowGRPOTrainer``, ``DiffusionNFTTrainer``, TRL's ``GRPOTrainer`` and
     ``IntrinsicGRPOTrainer``) await every async reward of a batch together, so several remote rewards score
-    at the same time. Same arguments and results as :class:`RemoteReward`; ``await reward(prompts=...,
+    at the same time. Same arguments and results as ``RemoteReward``; ``await reward(prompts=...,
     images=...)`` outside a trainer.
     """
 

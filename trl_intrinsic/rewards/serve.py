@@ -1,18 +1,16 @@
-"""Serve an image reward over HTTP for :class:`~trl_intrinsic.rewards.remote.RemoteReward`.
-
-::
+"""Serve an image reward over HTTP for ``RemoteReward`` (``trl_intrinsic.rewards.remote``), e.g.::
 
     python -m trl_intrinsic.rewards.serve clip_score --port 8000
     python -m trl_intrinsic.rewards.serve verifier_reward --host 0.0.0.0 --port 8000 --batch-size 64
     python -m trl_intrinsic.rewards.serve my_package.rewards:my_reward --port 8001
 
-The reward is a name exported by :mod:`trl_intrinsic.rewards` (``clip_score``, ``pick_score``,
+The reward is a name exported by ``trl_intrinsic.rewards`` (``clip_score``, ``pick_score``,
 ``ocr_score``, ``verifier_reward``, ``verifier_reward_partial``) or ``module:attribute`` for any callable
 ``f(prompts=, images=, **columns) -> list[float | None]``. It is called with ``prompts``, PIL ``images``
 (also passed as ``completions``) and the forwarded dataset columns; rewards that need the trainer's model
 (``solace_reward``, ``nsc_reward``: ``requires_images = False``) cannot be served.
 
-Endpoints and schema: :mod:`trl_intrinsic.rewards.protocol` (``POST /score``, ``GET /health``). The server
+Endpoints and schema: ``trl_intrinsic.rewards.protocol`` (``POST /score``, ``GET /health``). The server
 scores one request at a time, in order of arrival, in calls of at most ``--batch-size`` images; a model the
 reward loads lazily (the external scorers) is loaded by the first request. It has no authentication: bind it
 to ``127.0.0.1`` (the default) or a private network. Needs ``pip install "trl-intrinsic[serve]"``.
@@ -43,7 +41,7 @@ def _missing(package: str) -> ImportError:
 
 
 def load_reward(spec: str) -> Callable[..., Any]:
-    """The reward named ``spec``: a name of :mod:`trl_intrinsic.rewards` or ``"module:attribute"``.
+    """The reward named ``spec``: a name of ``trl_intrinsic.rewards`` or ``"module:attribute"``.
 
     Raises:
         ValueError: unknown name, or a reward that does not score images (``requires_images = False``).
