@@ -132,6 +132,10 @@ def _echo(body):
 
 
 # ---------------------------------------------------------------------------------------------- toy data
+def _images(n):
+    return [render(sample_metadata(1, seed=i)[0]) for i in range(n)]
+
+
 def _toy_batch(n=10):
     """Prompts, rendered images (every third one of another prompt: a wrong image) and metadata; one row has
     no metadata (not a toy prompt) and one no image, both scored ``None``."""
@@ -172,7 +176,7 @@ def test_batches_are_concurrent_and_keep_the_order():
     with scripted_server(respond) as (url, bodies, peak):
         reward = RemoteReward(url, batch_size=4, max_concurrency=2, forward_columns=("tag",))
         prompts = [str(i) for i in range(10)]
-        images = [render(sample_metadata(1, seed=i)[0]) for i in range(10)]
+        images = _images(10)
         tags = [f"t{i}" for i in range(10)]
         assert reward(prompts, images, tag=tags) == [float(i) for i in range(10)]
     assert sorted(len(b["prompts"]) for b in bodies) == [2, 4, 4]
@@ -202,9 +206,13 @@ def test_a_refused_request_is_not_retried():
         with pytest.raises(RemoteRewardError, match=r"refused it \(HTTP 422: metadata: missing\)"):
             RemoteReward(url, max_retries=3, **FAST)(["1"], _images(1))
         assert len(bodies) == 1
-    malformed = scripted_server(lambda i, b: (200, {"scores": [1]}, 0))
-    with malformed as (url, _, _), pytest.raises(RemoteRewardError, match="malformed"):
-        RemoteReward(url, **FAST)(["1"], _images(1))
+    for answer in ({"scores": [1]}, {"rewards": [1, 2]}, {"rewards": ["1"]}, {"rewards": [float("inf")]}):
+        malformed = scripted_server(lambda i, b, answer=answer: (200, answer, 0))
+        with malformed as (url, bodies, _), pytest.raises(RemoteRewardError, match="malformed"):
+            RemoteReward(url, **FAST)(["1"], _images(1))
+        assert len(bodies) == 1
+    with scripted_server(lambda i, b: (200, {"rewards": [float("nan"), 0.5]}, 0)) as (url, _, _):
+        assert RemoteReward(url)(["1", "2"], _images(2)) == [None, 0.5]  # NaN: does not apply
 
 
 def test_a_slow_server_times_out_with_the_timeout_in_the_message():
@@ -233,10 +241,6 @@ def test_backoff_doubles_is_capped_and_honours_retry_after():
     assert [reward._backoff(k) for k in range(4)] == [0.5, 1.0, 2.0, 3.0]
     assert reward._backoff(0, "2") == 2.0 and reward._backoff(0, "60") == 3.0
     assert reward._backoff(1, "Wed, 21 Oct 2015 07:28:00 GMT") == 1.0
-
-
-def _images(n):
-    return [render(sample_metadata(1, seed=i)[0]) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------- arguments

@@ -127,11 +127,14 @@ def encode_response(rewards: Any, num_images: int) -> dict[str, list[float | Non
 
 
 def decode_response(payload: Any, num_images: int) -> list[float | None]:
-    """The rewards of an answer to a request of ``num_images`` images; ``ValueError`` if it is malformed."""
+    """The rewards of an answer to a request of ``num_images`` images (NaN read as ``None``); ``ValueError``
+    if it is malformed or holds an infinite value."""
     rewards = payload.get("rewards") if isinstance(payload, Mapping) else None
     if not isinstance(rewards, list) or len(rewards) != num_images:
         raise ValueError(f"expected {{'rewards': [{num_images} numbers or null]}}, got {str(payload)[:200]}")
     for value in rewards:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"reward {value!r} is not a number or null")
-    return [None if value is None else float(value) for value in rewards]
+        if value is not None and math.isinf(value):
+            raise ValueError(f"reward {value!r} is infinite")
+    return [None if value is None or math.isnan(value) else float(value) for value in rewards]
