@@ -224,3 +224,38 @@ def test_cache_is_not_used_after_an_optimizer_step(tmp_path):
     # sampling: 4 steps × 8 rows (both halves); iteration 1: 3 trained steps × 4 rows (cached uncond);
     # iteration 2, after the optimizer step: 3 × (4 without gradients + 4 with)
     assert rows == [8] * 4 + [4] * 3 + [4, 4] * 3
+
+
+def test_async_rewards_run_while_the_sync_ones_compute(tmp_path):
+    import asyncio
+    import threading
+
+    started, events = threading.Event(), []
+
+    async def slow_remote(prompts, images, **kwargs):
+        started.set()
+        await asyncio.sleep(0.2)
+        events.append("async done")
+        return [0.0] * len(prompts)
+
+    def local(prompts, images, **kwargs):
+        assert started.wait(5)  # the async reward was already running
+        events.append("sync done")
+        return brightness(prompts, images)
+
+    trainer = _trainer(tmp_path)
+    trainer.reward_funcs, trainer.reward_func_names = [local, slow_remote], ["local", "slow_remote"]
+    trainer.reward_weights = torch.ones(2)
+    trainer.train()
+    assert events == ["sync done", "async done"]
+
+
+def test_a_failing_async_reward_is_named(tmp_path):
+    async def broken(prompts, images, **kwargs):
+        raise ConnectionError("server gone")
+
+    trainer = _trainer(tmp_path)
+    trainer.reward_funcs, trainer.reward_func_names = [broken], ["broken"]
+    with pytest.raises(RuntimeError, match="Reward function 'broken' raised ConnectionError") as info:
+        trainer.train()
+    assert isinstance(info.value.__cause__, ConnectionError)

@@ -19,9 +19,9 @@ leaves the process (no tensors, no callables). Rows whose image is ``None`` are 
   concurrently on a private event loop. ``await reward.acall(...)`` does the same from async code.
 * :class:`AsyncRemoteReward` takes the same arguments, but its ``__call__`` is a coroutine function.
   The flow trainers and TRL's ``GRPOTrainer`` (hence ``IntrinsicGRPOTrainer``) await all async rewards
-  of a batch together, so several remote rewards score at the same time. The trainers call the
-  synchronous rewards first and then await the async ones: an async reward does not overlap a
-  synchronous local one such as SOLACE.
+  of a batch together, so several remote rewards score at the same time. The flow trainers start the
+  async rewards before calling the synchronous ones, so a remote reward also overlaps a local one such as
+  SOLACE; TRL's ``GRPOTrainer`` awaits them after the synchronous ones.
 
 **Failures.** Connection errors, timeouts (``timeout`` seconds per request) and 429/5xx answers are
 retried ``max_retries`` times, after ``backoff_factor · 2^k`` seconds (at most ``backoff_max``; a

@@ -16,6 +16,7 @@ Random streams are derived with :func:`trl_intrinsic.seeding.derived_generator`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
@@ -927,20 +928,25 @@ class FlowTrainerBase(_BaseTrainer):
             "group_ids": group_ids.tolist(),
             "trainer_state": self.state,
         }
-        step, outputs, pending = self.state.global_step, {}, {}
-        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+        step, outputs, running = self.state.global_step, {}, {}
+        # Async rewards (e.g. a reward server) are called first and run while the sync ones compute.
+        funcs = list(enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)))
+        for i, (func, name) in sorted(funcs, key=lambda item: not _is_async(item[1][0])):
             try:
                 images_arg = images if getattr(func, "requires_images", True) else None
                 result = func(prompts=prompts, images=images_arg, **kwargs)
             except Exception as error:
                 raise reward_call_error(name, error, step, len(prompts), prompts[0]) from error
             if inspect.isawaitable(result):
-                pending[i] = result
+                running[i] = self._start_async(result)
             else:
                 outputs[i] = result
-        if pending:
-            for i, result in zip(pending, self._run_async(list(pending.values())), strict=True):
-                outputs[i] = result
+        for i, future in running.items():
+            try:
+                outputs[i] = future.result()
+            except Exception as error:
+                name = self.reward_func_names[i]
+                raise reward_call_error(name, error, step, len(prompts), prompts[0]) from error
         rewards = torch.tensor(
             [
                 check_reward_values(name, outputs[i], len(prompts), step, prompts)
@@ -958,16 +964,16 @@ class FlowTrainerBase(_BaseTrainer):
             )
         return rewards.to(self.accelerator.device)
 
-    def _run_async(self, awaitables: list) -> list:
-        """Await the async rewards concurrently on a private event loop thread."""
+    def _start_async(self, awaitable) -> concurrent.futures.Future:
+        """Run an async reward on the trainer's private event-loop thread; returns its future."""
         if self._async_loop is None:
             self._async_loop = asyncio.new_event_loop()
             threading.Thread(target=self._async_loop.run_forever, daemon=True).start()
 
-        async def _gather():
-            return await asyncio.gather(*awaitables)
+        async def _await():
+            return await awaitable
 
-        return asyncio.run_coroutine_threadsafe(_gather(), self._async_loop).result()
+        return asyncio.run_coroutine_threadsafe(_await(), self._async_loop)
 
     def _backward_pieces(
         self, model, num_pieces: int, piece_loss: Callable[[int], torch.Tensor]
@@ -1389,6 +1395,12 @@ class _EMAStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._update_ema()
         return control
+
+
+def _is_async(func: Any) -> bool:
+    """Whether calling ``func`` returns a coroutine (an ``async def`` function or ``__call__``)."""
+    call = type(func).__call__ if not inspect.isfunction(func) else func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
 def resolve_flow_rewards(reward_funcs: Any) -> tuple[list[Callable], list[str]]:
