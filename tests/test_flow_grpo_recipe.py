@@ -98,31 +98,17 @@ def test_on_policy_guard_gradient_is_the_plain_one_times_s_over_dt(tmp_path):
 
 
 @pytest.mark.parametrize("sde_type", ["flow_sde", "cps"])
-def test_first_iteration_is_on_policy_for_either_sde(tmp_path, sde_type):
+def test_first_iteration_is_on_policy_for_either_sde(tmp_path, sde_type, record_train_metrics):
     trainer = _trainer(tmp_path, sde_type=sde_type, noise_level=0.5)
-    history = []
-    original = trainer.log
-
-    def log(logs, start_time=None):
-        history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
-        original(logs, start_time)
-
-    trainer.log = log
+    history = record_train_metrics(trainer)
     trainer.train()
     np.testing.assert_allclose(history[0]["ratio"], 1.0, atol=1e-5)
 
 
-def test_guarded_off_policy_training_moves_the_ratio_and_the_weights(tmp_path):
+def test_guarded_off_policy_training_moves_the_ratio_and_the_weights(tmp_path, record_train_metrics):
     trainer = _trainer(tmp_path, grpo_guard=True, num_iterations=2, max_steps=2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    history = []
-    original = trainer.log
-
-    def log(logs, start_time=None):
-        history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
-        original(logs, start_time)
-
-    trainer.log = log
+    history = record_train_metrics(trainer)
     trainer.train()
     first, second = history[0]["ratio"], history[1]["ratio"]
     np.testing.assert_allclose(first, 1.0, atol=1e-6)  # on-policy: Δμ = 0
