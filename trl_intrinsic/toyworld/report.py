@@ -270,6 +270,18 @@ def plot_curves(
     return Path(path)
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` characters (longer words stay whole)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line]
+
+
 def before_after_grid(
     prompts: Sequence[str], before: Sequence[Image.Image], after: Sequence[Image.Image], path: str | Path
 ) -> Path:
@@ -278,24 +290,15 @@ def before_after_grid(
     if not (len(prompts) == len(before) == len(after)) or not prompts:
         raise ValueError("`prompts`, `before` and `after` must be non-empty and of equal length.")
     tile = max(before[0].size[0], 96)
-    label = 28
-    grid = Image.new("RGB", (tile * len(prompts), 2 * tile + label + 16), "white")
+    labels = [_wrap(prompt, tile // 6) for prompt in prompts]  # about 6 px per character
+    grid = Image.new("RGB", (tile * len(prompts), 2 * tile + 24 + 10 * max(map(len, labels))), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((2, 0), "before", fill="black")
     draw.text((2, tile + 8), "after", fill="black")
-    for i, prompt in enumerate(prompts):
+    for i, lines in enumerate(labels):
         grid.paste(before[i].resize((tile - 4, tile - 4), Image.NEAREST), (i * tile + 2, 12))
         grid.paste(after[i].resize((tile - 4, tile - 4), Image.NEAREST), (i * tile + 2, tile + 20))
-        words, line = prompt.split(), ""
-        lines = []
-        for word in words:  # wrap to the tile width (about 6 px per character)
-            if len(line) + len(word) + 1 > tile // 6:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
-        for j, text in enumerate(lines[:2]):
+        for j, text in enumerate(lines):  # the whole prompt, however many lines it takes
             draw.text((i * tile + 2, 2 * tile + 20 + 10 * j), text, fill="black")
     grid.save(path)
     return Path(path)
