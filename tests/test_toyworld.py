@@ -536,3 +536,11 @@ def test_before_after_grid_shows_whole_prompts(tmp_path):
     short_grid = Image.open(before_after_grid(["a circle", "a square"], tiles, tiles, tmp_path / "a.png"))
     long_grid = Image.open(before_after_grid(["a circle", long], tiles, tiles, tmp_path / "b.png"))
     assert long_grid.size[1] - short_grid.size[1] == 10 * 3  # three more lines of text, none cut off
+
+
+def test_running_mean_and_smoothed_curves(tmp_path):
+    from trl_intrinsic.toyworld.report import plot_curves, running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    noisy = {"reward": [(i, float(i % 2)) for i in range(40)]}
+    assert plot_curves(noisy, tmp_path / "smooth.png", smooth=["reward"]).is_file()

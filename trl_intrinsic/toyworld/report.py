@@ -234,10 +234,13 @@ def plot_curves(
     *,
     title: str = "",
     size: tuple[int, int] = (640, 400),
+    smooth: Sequence[str] = (),
 ) -> Path:
     """Draw ``{name: [(step, value), ...]}`` as line plots on one PNG of ``size`` pixels, with a legend.
 
-    A curve named ``overall`` is drawn thicker and in black; non-finite values are skipped.
+    A curve named ``overall`` is drawn thicker and in black; non-finite values are skipped. Curves named in
+    ``smooth`` (noisy per-step values) are drawn as faint points under their running mean over a window of
+    about a tenth of the points (at least 3).
     """
     import matplotlib
 
@@ -255,7 +258,11 @@ def plot_curves(
                 continue
             xs, ys = zip(*points, strict=True)
             style = {"color": "black", "linewidth": 2.5} if name == "overall" else {"color": colours[k % 10]}
-            axes.plot(xs, ys, marker="o", markersize=3, label=name, **style)
+            if name in smooth and len(ys) >= 3:
+                axes.plot(xs, ys, "o", markersize=2.5, alpha=0.3, color=style["color"])
+                axes.plot(xs, running_mean(ys, max(3, len(ys) // 10)), label=f"{name} (running mean)", **style)
+            else:
+                axes.plot(xs, ys, marker="o", markersize=3, label=name, **style)
             drawn += 1
         if drawn:
             axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -268,6 +275,17 @@ def plot_curves(
     finally:
         plt.close(figure)
     return Path(path)
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window − 1`` before it (fewer at the start): a causal moving average."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _wrap(text: str, width: int) -> list[str]:
