@@ -70,7 +70,7 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"grpo_guard": True}, {"ema": True, "ema_update_interval": 2}], ids=["plain", "guard", "ema"]
+    "options", [{}, {"grpo_guard": True, "ema": True, "ema_update_interval": 2}], ids=["plain", "guard-ema"]
 )
 def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, options):
     # 4 prompts, 2 per generation batch of 4 images sampled once for 2 micro-steps: an epoch is 4 steps.
