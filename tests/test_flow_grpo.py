@@ -298,8 +298,8 @@ def test_brightness_reward_rises(tmp_path, record_train_metrics):
     print(
         f"brightness {first:.4f} -> {last:.4f} (initial spread {spread:.4f}):", np.round(rewards, 4).tolist()
     )
-    # measured at seed 0: 8.9x with the full gradient (the default), 4.7x with the detached unconditional CFG half
-    assert last - first > 5 * spread, rewards
+    # measured at seed 0: 4.7x with the detached unconditional CFG half (the default), 8.9x with the full gradient
+    assert last - first > 3 * spread, rewards
 
 
 @pytest.mark.slow
