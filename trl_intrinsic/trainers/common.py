@@ -643,11 +643,7 @@ class FlowTrainerBase(_BaseTrainer):
         self._collapse_warned = False
         self._collapse_stop = False  # set by the collapse statistics with `collapse_action="stop"`
         self.add_callback(_StopOnCollapse(self))
-        # An EMA of the trainable weights for evaluation and saving (Flow-GRPO's `train.ema`).
-        trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
-        self._ema = ParameterCopy(trainable) if args.ema else None
-        if self._ema is not None:
-            self.add_callback(_EMAStep(self))
+        self._ema = self._init_ema() if args.ema else None
 
     def _needs_frozen_reference(self, args: Any) -> bool:
         """Whether full fine-tuning keeps a frozen copy of the initial transformer (for a KL term)."""
@@ -735,6 +731,12 @@ class FlowTrainerBase(_BaseTrainer):
         self._eval_batches = 0
         with self._ema_weights():
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _init_ema(self) -> ParameterCopy:
+        """An EMA of the trainable weights for evaluation and saving (Flow-GRPO's ``train.ema``), updated by a
+        callback after each optimizer step."""
+        self.add_callback(_EMAStep(self))
+        return ParameterCopy(p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad)
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
         """The EMA weights swapped into the model for a block (with ``ema=True``; otherwise nothing changes)."""
