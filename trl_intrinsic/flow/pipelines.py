@@ -96,6 +96,13 @@ class PromptEmbeddings:
             return {k: v.expand(len(rows), *v.shape[1:]) for k, v in self.uncond.items()}
         return {k: v[rows.to(v.device)] for k, v in self.cond.items()}
 
+    def to(self, device: str | torch.device) -> PromptEmbeddings:
+        """The same embeddings on ``device`` (so ``accelerate.utils.send_to_device`` moves them too)."""
+        def move(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+        return PromptEmbeddings(cond=move(self.cond), uncond=move(self.uncond), shared=move(self.shared))
+
 
 def register_flow_adapter(adapter_cls: type[FlowPipelineAdapter]) -> type[FlowPipelineAdapter]:
     """Class decorator: make :func:`get_flow_adapter` pick ``adapter_cls`` for its ``pipeline_class``.

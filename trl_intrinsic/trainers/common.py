@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import inspect
 import json
 import math
@@ -33,6 +32,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -325,20 +325,6 @@ def front_matter(entries: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def move_tensors(value: Any, device: str | torch.device) -> Any:
-    """``value`` with every tensor inside mappings, lists, tuples and dataclasses moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return type(value)((k, move_tensors(v, device)) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return type(value)(move_tensors(v, device) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: move_tensors(getattr(value, f.name), device) for f in dataclasses.fields(value)}
-        return dataclasses.replace(value, **changes)
-    return value
-
-
 def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
     """Tile equally sized images row by row, ``columns`` per row."""
     columns = max(1, min(columns, len(images)))
@@ -692,10 +678,10 @@ class FlowTrainerBase(_BaseTrainer):
             batch = self._generate_and_score(generation_batch, mode="train")
             if self.args.drop_zero_advantage:
                 batch = self._keep_informative(batch)
-            batch = move_tensors(batch, "cpu") if offload else batch
+            batch = send_to_device(batch, "cpu") if offload else batch
             self._buffered_inputs = self._split(batch, self.args.steps_per_generation)
         chunk = self._buffered_inputs[self._step % self.args.steps_per_generation]
-        return move_tensors(chunk, self.accelerator.device) if offload else chunk
+        return send_to_device(chunk, self.accelerator.device) if offload else chunk
 
     def _keep_informative(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The rows of a generation batch with a non-zero advantage, plus random others so that the count is a
