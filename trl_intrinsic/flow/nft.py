@@ -76,12 +76,9 @@ from typing import Literal
 
 import torch
 
-from trl_intrinsic.ema import ema_update_
-
 __all__ = [
     "REFERENCE_DECAY_SCHEDULES",
     "TIMESTEP_SCHEDULES",
-    "ema_update_",
     "forward_noise",
     "kl_to_reference",
     "nft_loss",
