@@ -629,6 +629,7 @@ class FlowTrainerBase(_BaseTrainer):
         self._collapse_warned = False
         self._collapse_stop = False  # set by the collapse statistics with `collapse_action="stop"`
         self.add_callback(_StopOnCollapse(self))
+        self._trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         self._ema = self._init_ema() if args.ema else None
 
     def _needs_frozen_reference(self, args: Any) -> bool:
@@ -722,7 +723,7 @@ class FlowTrainerBase(_BaseTrainer):
         """An EMA of the trainable weights for evaluation and saving (Flow-GRPO's ``train.ema``), updated by a
         callback after each optimizer step."""
         self.add_callback(_EMAStep(self))
-        return ParameterCopy(p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad)
+        return ParameterCopy(self._trainable)
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
         """The EMA weights swapped into the model for a block (with ``ema=True``; otherwise nothing changes)."""
@@ -1123,7 +1124,7 @@ class FlowTrainerBase(_BaseTrainer):
         """
         args = self.args
         modules = [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
-        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() * p.element_size() for p in self._trainable)
         images = args.per_device_train_batch_size * args.steps_per_generation
         latent_numel = math.prod(self.adapter.latent_shape(args.resolution, args.resolution))
         use_cfg = args.guidance_scale > 1.0

@@ -80,9 +80,6 @@ class DiffusionNFTTrainer(FlowTrainerBase):
     def __init__(self, model, reward_funcs, args: DiffusionNFTConfig | None = None, **kwargs: Any):
         super().__init__(model, reward_funcs, args=args, **kwargs)
         # The old (sampling) policy: a copy of the trainable weights, swapped in for sampling and for v_old.
-        self._trainable = [
-            p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad
-        ]
         self._old = ParameterCopy(self._trainable)
 
     def _model_card_settings(self) -> str:
