@@ -408,7 +408,8 @@ class ToyReport(ABC):
         if self.reward_dataset is not None:
             split = "held-out" if self.split == "test" else "training"
             title += f", and of {len(self.reward_dataset)} fixed {split} prompts"
-        plot_curves(curves, out / "reward_curve.png", title=title)
+        per_step = [name for name in curves if not name.endswith("fixed prompts")]
+        plot_curves(curves, out / "reward_curve.png", title=title, smooth=per_step)
         tags = [k for k, v in self.curve[0][1].items() if isinstance(v, float)]
         plot_curves(
             {tag: [(step, result[tag]) for step, result, _ in self.curve] for tag in tags},

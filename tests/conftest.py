@@ -15,3 +15,23 @@ torch.set_num_threads(2)
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def record_train_metrics():
+    """``record(trainer)`` returns a list that receives, at each log, a copy of the trainer's training
+    metrics (lists of per-step values) before they are averaged and cleared."""
+
+    def record(trainer):
+        history = []
+        original = trainer.log
+
+        def log(logs, start_time=None):
+            if trainer._metrics["train"]:
+                history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
+            original(logs, start_time)
+
+        trainer.log = log
+        return history
+
+    return record

@@ -82,16 +82,9 @@ def _trainer(tmp_path, **overrides):
     )
 
 
-def test_trainer_logs_collapse_statistics_and_warns_once(tmp_path, monkeypatch):
+def test_trainer_logs_collapse_statistics_and_warns_once(tmp_path, monkeypatch, record_train_metrics):
     trainer = _trainer(tmp_path)
-    logged = []
-    original = trainer.log
-
-    def log(logs, start_time=None):
-        logged.append({k: list(v) for k, v in trainer._metrics["train"].items()})
-        original(logs, start_time)
-
-    trainer.log = log
+    logged = record_train_metrics(trainer)
     trainer.train()
     metrics = logged[0]
     for key in ("latent_std", "latent_texture", "group_diversity", "image_std", "blank_fraction"):

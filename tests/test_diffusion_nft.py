@@ -93,7 +93,7 @@ class _RecordOldPolicy(TrainerCallback):
             (
                 state.global_step,
                 [p.detach().clone() for p in self.trainer._trainable],
-                [p.detach().clone() for p in self.trainer._old_params],
+                [p.detach().clone() for p in self.trainer._old.tensors],
             )
         )
 
@@ -144,7 +144,7 @@ def test_resume_restores_the_old_policy_and_reproduces_the_run(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for a, b in zip(resumed._trainable, full._trainable):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(resumed._old_params, full._old_params):
+    for a, b in zip(resumed._old.tensors, full._old.tensors):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -43,22 +43,9 @@ def _trainer(tmp_path, reward_funcs=(brightness,), pipeline=None, lora=True, dat
     )
 
 
-def _record_metrics(trainer):
-    history = []
-    original = trainer.log
-
-    def log(logs, start_time=None):
-        if trainer._metrics["train"]:
-            history.append({k: list(v) for k, v in trainer._metrics["train"].items()})
-        original(logs, start_time)
-
-    trainer.log = log
-    return history
-
-
-def test_first_iteration_is_on_policy_and_kl_starts_at_zero(tmp_path):
+def test_first_iteration_is_on_policy_and_kl_starts_at_zero(tmp_path, record_train_metrics):
     trainer = _trainer(tmp_path, beta=0.04, max_steps=1)
-    history = _record_metrics(trainer)
+    history = record_train_metrics(trainer)
     trainer.train()
     (metrics,) = history
     np.testing.assert_allclose(metrics["ratio"], 1.0, atol=1e-6)
@@ -157,7 +144,7 @@ def test_rewards_receive_the_documented_arguments_and_no_decode(tmp_path):
     torch.testing.assert_close(call["reference_velocity_fn"](x, sigma, rows), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_async_and_multiple_rewards_with_weights(tmp_path):
+def test_async_and_multiple_rewards_with_weights(tmp_path, record_train_metrics):
     async def constant(prompts, images, **kwargs):
         await asyncio.sleep(0)
         return [1.0] * len(prompts)
@@ -168,7 +155,7 @@ def test_async_and_multiple_rewards_with_weights(tmp_path):
     trainer = _trainer(
         tmp_path, reward_funcs=[brightness, constant, sometimes_none], reward_weights=[1.0, 0.5, 2.0]
     )
-    history = _record_metrics(trainer)
+    history = record_train_metrics(trainer)
     trainer.train()
     (metrics,) = history
     assert metrics["rewards/constant/mean"] == [1.0]
@@ -297,12 +284,12 @@ def test_invalid_trainer_inputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_brightness_reward_rises(tmp_path):
+def test_brightness_reward_rises(tmp_path, record_train_metrics):
     trainer = _trainer(
         tmp_path, max_steps=30, learning_rate=3e-2, num_iterations=1, beta=0.0, noise_level=1.0,
         per_device_train_batch_size=8, num_generations=4, scale_rewards="group",
     )  # fmt: skip
-    history = _record_metrics(trainer)
+    history = record_train_metrics(trainer)
     trainer.train()
     rewards = [m["reward"][0] for m in history]
     spread = np.mean([m["reward_std"][0] for m in history[:4]])
@@ -311,8 +298,8 @@ def test_brightness_reward_rises(tmp_path):
     print(
         f"brightness {first:.4f} -> {last:.4f} (initial spread {spread:.4f}):", np.round(rewards, 4).tolist()
     )
-    # measured at seed 0: 8.9x with the full gradient (the default), 4.7x with the detached unconditional CFG half
-    assert last - first > 5 * spread, rewards
+    # measured at seed 0: 4.7x with the detached unconditional CFG half (the default), 8.9x with the full gradient
+    assert last - first > 3 * spread, rewards
 
 
 @pytest.mark.slow
@@ -333,8 +320,10 @@ def test_solace_training_moves_solace_in_the_direction_of_the_rewards_sign(tmp_p
         trainer = _trainer(
             tmp_path / str(sign), reward_funcs=(signed_solace,), max_steps=20, learning_rate=3e-2, beta=0.0,
             noise_level=1.0, timestep_fraction=1.0, per_device_train_batch_size=8, num_generations=4,
-            per_device_eval_batch_size=4,
+            per_device_eval_batch_size=4, cfg_uncond_gradient=True,
         )  # fmt: skip
+        # The full CFG gradient: with the detached unconditional half the two runs of this random tiny pipeline
+        # do not separate in 20 updates, which would hide a sign error rather than reveal one.
         trainer.train()
         after[sign] = sign * trainer.evaluate(eval_dataset)["eval_rewards/signed_solace/mean"]
     # measured (seed 0): +SOLACE -0.859, -SOLACE -1.640; the spread over the evaluation samples is about 0.01

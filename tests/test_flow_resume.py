@@ -69,15 +69,21 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
 
 
-def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    "options", [{}, {"grpo_guard": True, "ema": True, "ema_update_interval": 2}], ids=["plain", "guard-ema"]
+)
+def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path, options):
     # 4 prompts, 2 per generation batch of 4 images sampled once for 2 micro-steps: an epoch is 4 steps.
     # Stop at step 3 (its rollouts were sampled at step 2), run to step 6: the resumed run crosses a
-    # generation and an epoch boundary (step 4).
+    # generation and an epoch boundary (step 4). GRPO-Guard's off-policy micro-steps also need the
+    # sampling policy's step means from the buffer; an EMA of the weights is restored from the checkpoint.
     full_recorder = LatentRecorder()
-    full = _trainer(tmp_path / "full", full_recorder, max_steps=6)
+    full = _trainer(tmp_path / "full", full_recorder, max_steps=6, **options)
     full.train()
 
-    first = _trainer(tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)])
+    first = _trainer(
+        tmp_path / "resumed", LatentRecorder(), max_steps=6, callbacks=[StopAt(3)], **options
+    )
     first.train()
     assert first.state.global_step == 3
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
@@ -86,7 +92,7 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
     assert _lora(first).keys() == _lora(full).keys()
 
     resumed_recorder = LatentRecorder()
-    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6)
+    resumed = _trainer(tmp_path / "resumed", resumed_recorder, max_steps=6, **options)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
 
@@ -104,6 +110,8 @@ def test_resume_mid_generation_reproduces_the_uninterrupted_run(tmp_path):
     full_weights, resumed_weights = _lora(full), _lora(resumed)
     assert any(v.abs().max() > 0 for k, v in full_weights.items() if "lora_B" in k)
     torch.testing.assert_close(resumed_weights, full_weights, rtol=1e-5, atol=1e-7)
+    if options.get("ema"):
+        torch.testing.assert_close(resumed._ema.tensors, full._ema.tensors, rtol=1e-5, atol=1e-7)
     full_state = full.optimizer.state_dict()["state"]
     resumed_state = resumed.optimizer.state_dict()["state"]
     assert full_state.keys() == resumed_state.keys()

@@ -24,7 +24,8 @@ def test_batch_std_and_none():
     groups = torch.tensor([0, 0, 1, 1])
     centered = np.array([-1.0, 1.0, -2.0, 2.0])
     batch = group_advantages(rewards, groups, scale_rewards="batch")
-    np.testing.assert_allclose(batch.numpy(), centered / (centered.std() + 1e-4), rtol=1e-5)
+    # the std of the raw rewards of the batch (Flow-GRPO's global_std), not of the within-group residuals
+    np.testing.assert_allclose(batch.numpy(), centered / (rewards.numpy().std() + 1e-4), rtol=1e-5)
     np.testing.assert_allclose(group_advantages(rewards, groups, scale_rewards="none").numpy(), centered)
     np.testing.assert_allclose(group_advantages(rewards, groups, scale_rewards=False).numpy(), centered)
 

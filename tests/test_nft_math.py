@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from trl_intrinsic.ema import ema_update_
 from trl_intrinsic.flow.nft import (
     REFERENCE_DECAY_SCHEDULES,
-    ema_update_,
     forward_noise,
     kl_to_reference,
     nft_loss,

@@ -522,3 +522,25 @@ def test_plot_curves_writes_a_png_of_the_requested_size_and_skips_non_finite_poi
         assert a.size == b.size == (480, 300)
         ink = [sum(1 for p in im.convert("L").getdata() if p < 128) for im in (a, b)]
     assert ink[0] > ink[1]  # the curves and their legend are drawn; the empty plot only says "no data"
+
+
+def test_before_after_grid_shows_whole_prompts(tmp_path):
+    from PIL import Image
+
+    from trl_intrinsic.toyworld.report import _wrap, before_after_grid
+
+    long = "a photo of a magenta triangle right of a yellow square"
+    lines = _wrap(long, 16)
+    assert " ".join(lines) == long and len(lines) == 4 and all(len(line) <= 16 for line in lines)
+    tiles = [Image.new("RGB", (32, 32), "white")] * 2
+    short_grid = Image.open(before_after_grid(["a circle", "a square"], tiles, tiles, tmp_path / "a.png"))
+    long_grid = Image.open(before_after_grid(["a circle", long], tiles, tiles, tmp_path / "b.png"))
+    assert long_grid.size[1] - short_grid.size[1] == 10 * 3  # three more lines of text, none cut off
+
+
+def test_running_mean_and_smoothed_curves(tmp_path):
+    from trl_intrinsic.toyworld.report import plot_curves, running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    noisy = {"reward": [(i, float(i % 2)) for i in range(40)]}
+    assert plot_curves(noisy, tmp_path / "smooth.png", smooth=["reward"]).is_file()

@@ -21,7 +21,7 @@ One iteration ``i``, with a sampling ("old") policy ``v_old`` and the trained po
    instead of applied at sampling time. With ``r = ½`` everywhere, ``v_θ* = v_old``: the gradient at
    ``v_θ = v_old`` vanishes.
 5. Soft-update the sampling policy ``θ_old ← η_i·θ_old + (1 − η_i)·θ`` (:func:`old_policy_decay`,
-   :func:`ema_update_`); ``η_i`` grows with ``i``: on-policy early, more off-policy (stabler) later.
+   :func:`~trl_intrinsic.ema.ema_update_`); ``η_i`` grows with ``i``: on-policy early, more off-policy (stabler) later.
 
 Optionally (reference, not the paper's objective) add ``β_KL·‖v_θ − v_ref‖²`` towards the base model
 (:func:`kl_to_reference`).
@@ -65,13 +65,13 @@ knob):
   difference is rounding only.
 - **Evaluation weights.** The reference also keeps a plain EMA of θ (decay ``min((1 + s)/(10 + s), 0.9)``
   per optimizer step ``s``) used only for evaluation and saved checkpoints; it is not part of the
-  algorithm and not implemented here (:func:`ema_update_` serves it too).
+  algorithm and not implemented here (:func:`~trl_intrinsic.ema.ema_update_` serves it too).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -79,7 +79,6 @@ import torch
 __all__ = [
     "REFERENCE_DECAY_SCHEDULES",
     "TIMESTEP_SCHEDULES",
-    "ema_update_",
     "forward_noise",
     "kl_to_reference",
     "nft_loss",
@@ -400,34 +399,3 @@ def old_policy_decay(step: int, *, flat_steps: int = 0, rate: float = 1e-3, max_
     if step < flat_steps:
         return 0.0
     return float(min((step - flat_steps) * rate, max_decay))
-
-
-@torch.no_grad()
-def ema_update_(
-    target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], decay: float
-) -> None:
-    """In place, without gradients: ``target ← decay·target + (1 − decay)·source`` for each pair.
-
-    Args:
-        target_params: tensors to update (e.g. the "old" LoRA adapter's parameters).
-        source_params: tensors to blend in (e.g. the trained adapter's), same order and shapes; they
-            are cast to each target's dtype and device.
-        decay: η in [0, 1]; 0 copies ``source``, 1 leaves ``target`` unchanged.
-    """
-    if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
-        raise ValueError(f"`decay` must be in [0, 1], got {decay!r}; use old_policy_decay(step).")
-    targets, sources = list(target_params), list(source_params)
-    if len(targets) != len(sources):
-        raise ValueError(
-            f"`target_params` has {len(targets)} tensors but `source_params` has {len(sources)}; "
-            "pass the parameters of the two adapters in the same order."
-        )
-    for i, (tgt, src) in enumerate(zip(targets, sources)):
-        if tgt.shape != src.shape:
-            raise ValueError(
-                f"`target_params[{i}]` has shape {tuple(tgt.shape)} but `source_params[{i}]` has "
-                f"{tuple(src.shape)}; pass the parameters of the two adapters in the same order."
-            )
-        if tgt is src:
-            continue
-        tgt.mul_(decay).add_(src.detach().to(device=tgt.device, dtype=tgt.dtype), alpha=1.0 - decay)

@@ -96,6 +96,13 @@ class PromptEmbeddings:
             return {k: v.expand(len(rows), *v.shape[1:]) for k, v in self.uncond.items()}
         return {k: v[rows.to(v.device)] for k, v in self.cond.items()}
 
+    def to(self, device: str | torch.device) -> PromptEmbeddings:
+        """The same embeddings on ``device`` (so ``accelerate.utils.send_to_device`` moves them too)."""
+        def move(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+        return PromptEmbeddings(cond=move(self.cond), uncond=move(self.uncond), shared=move(self.shared))
+
 
 def register_flow_adapter(adapter_cls: type[FlowPipelineAdapter]) -> type[FlowPipelineAdapter]:
     """Class decorator: make :func:`get_flow_adapter` pick ``adapter_cls`` for its ``pipeline_class``.
@@ -250,7 +257,9 @@ class FlowPipelineAdapter:
         conditional: bool = False,
         transformer: torch.nn.Module | None = None,
         detach_uncond: bool = False,
-    ) -> torch.Tensor:
+        uncond_velocity: torch.Tensor | None = None,
+        return_uncond: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Velocity ``v = ε − x0`` predicted for each row, with guidance in a single forward.
 
         Args:
@@ -263,10 +272,15 @@ class FlowPipelineAdapter:
             transformer: the module to call (e.g. the accelerate-wrapped one); defaults to the
                 pipeline's transformer.
             detach_uncond: under guidance, stop the gradient through the unconditional prediction (the
-                Flow-GRPO reference's training). The forward, and so the value, is unchanged.
+                Flow-GRPO reference's training): it is computed in a separate forward without gradients, so
+                the backward pass covers the conditional rows only. Same value up to float rounding.
+            uncond_velocity: under guidance, an unconditional prediction (N, *latent_shape) computed before
+                at the same inputs and weights (e.g. while sampling); only the conditional half is run, and the
+                given one is used as a constant.
+            return_uncond: also return the unconditional prediction (detached; ``None`` without guidance).
 
         Returns:
-            (N, *latent_shape) float32 velocity.
+            (N, *latent_shape) float32 velocity; with ``return_uncond``, ``(velocity, uncond velocity)``.
         """
         transformer = self.transformer if transformer is None else transformer
         n = latents.shape[0]
@@ -278,20 +292,27 @@ class FlowPipelineAdapter:
             and self.uses_negative_prompt
             and embeddings.uncond is not None
         )
+        shared = embeddings.shared
+
+        def forward(x, t, conditioning):
+            return self._transformer_forward(transformer, x, t, {**conditioning, **shared}, guidance_scale).float()
+
         cond = embeddings.rows(rows)
-        if use_cfg:
+        if not use_cfg:
+            velocity, v_uncond = forward(latents, timesteps, cond), None
+        elif uncond_velocity is not None or detach_uncond:
+            if uncond_velocity is None:
+                with torch.no_grad():
+                    uncond_velocity = forward(latents, timesteps, embeddings.rows(rows, negative=True))
+            v_uncond = uncond_velocity.float().detach()
+            velocity = v_uncond + guidance_scale * (forward(latents, timesteps, cond) - v_uncond)
+        else:  # both halves in one forward of 2N rows
             uncond = embeddings.rows(rows, negative=True)
-            cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            latents = torch.cat([latents, latents])
-            timesteps = torch.cat([timesteps, timesteps])
-        velocity = self._transformer_forward(
-            transformer, latents, timesteps, {**cond, **embeddings.shared}, guidance_scale
-        ).float()
-        if use_cfg:
-            v_uncond, v_cond = velocity.chunk(2)
-            if detach_uncond:
-                v_uncond = v_uncond.detach()
+            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            v_uncond, v_cond = forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
             velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+        if return_uncond:
+            return velocity, None if v_uncond is None else v_uncond.detach()
         return velocity
 
     def _transformer_forward(

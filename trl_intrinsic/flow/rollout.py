@@ -31,6 +31,10 @@ class Rollout:
         timesteps: (S,) float32 scheduler timesteps (``sigma · num_train_timesteps``).
         sde_steps: indices of the stochastic steps (the SDE window), ascending.
         rows: LongTensor (B,): the prompt (index into the encoded unique prompts) of each trajectory.
+        means: (B, S, *latent_shape) float32 mean of every step's Gaussian (equal to the next latent for ODE
+            steps), or ``None`` when not recorded (``record_means=False``).
+        uncond: (B, len(record_uncond), *latent_shape) float32 unconditional velocity at the steps of
+            ``record_uncond``, or ``None`` (not recorded, or no classifier-free guidance).
     """
 
     latents: torch.Tensor
@@ -39,6 +43,8 @@ class Rollout:
     timesteps: torch.Tensor
     sde_steps: list[int]
     rows: torch.Tensor
+    means: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -113,6 +119,8 @@ def sample_trajectories(
     sde_type: str = "flow_sde",
     generator: torch.Generator | None = None,
     transformer: torch.nn.Module | None = None,
+    record_means: bool = False,
+    record_uncond: Sequence[int] = (),
 ) -> Rollout:
     """Integrate the sampler from ``initial_latents`` and record every latent and step log-probability.
 
@@ -127,17 +135,28 @@ def sample_trajectories(
         sde_type: ``"flow_sde"`` or ``"cps"``.
         generator: draws the SDE noise.
         transformer: module to call (defaults to the pipeline's transformer).
+        record_means: also keep every step's mean (``Rollout.means``; GRPO-Guard needs the sampling policy's).
+        record_uncond: steps whose unconditional velocity is kept (``Rollout.uncond``), so that training on the
+            same weights need not recompute it.
     """
     num_steps = len(timesteps)
     if sigmas.shape != (num_steps + 1,):
         raise ValueError(f"`sigmas` must have shape ({num_steps + 1},), got {tuple(sigmas.shape)}.")
     stochastic = set(sde_steps)
     x = initial_latents.float()
-    latents, log_probs = [x], []
+    latents, log_probs, means, uncond = [x], [], [], []
     for i in range(num_steps):
-        velocity = adapter.predict_velocity(
-            x, timesteps[i], embeddings, rows, guidance_scale=guidance_scale, transformer=transformer
+        velocity, v_uncond = adapter.predict_velocity(
+            x,
+            timesteps[i],
+            embeddings,
+            rows,
+            guidance_scale=guidance_scale,
+            transformer=transformer,
+            return_uncond=True,
         )
+        if i in record_uncond and v_uncond is not None:
+            uncond.append(v_uncond)
         step = sde_step_with_logprob(
             velocity,
             x,
@@ -151,6 +170,8 @@ def sample_trajectories(
         x = step.prev_sample
         latents.append(x)
         log_probs.append(step.log_prob)
+        if record_means:
+            means.append(step.prev_sample_mean)
     return Rollout(
         latents=torch.stack(latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
@@ -158,4 +179,6 @@ def sample_trajectories(
         timesteps=timesteps,
         sde_steps=sorted(stochastic),
         rows=rows,
+        means=torch.stack(means, dim=1) if record_means else None,
+        uncond=torch.stack(uncond, dim=1) if uncond else None,
     )

@@ -43,12 +43,15 @@ class SDEStepOutput:
         prev_sample_mean: ``μ`` (B, ...), float32: the mean of the step (carries gradients).
         std_dev: (B, 1, ...) float32: ``std`` before the ``sqrt(−dt)`` factor (``flow_sde``) or the
             noise std itself (``cps``); broadcastable against the sample. Used by the KL penalty.
+        noise_std: (B, 1, ...) float32: the std of the step's Gaussian, ``std·sqrt(−dt)`` (``flow_sde``)
+            or ``std`` (``cps``); 0 for a deterministic step.
     """
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     prev_sample_mean: torch.Tensor
     std_dev: torch.Tensor
+    noise_std: torch.Tensor
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -143,7 +146,9 @@ def sde_step_with_logprob(
     )
     log_density = torch.where(stochastic, log_density, torch.zeros_like(log_density))
     log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
-    return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std)
+    return SDEStepOutput(
+        prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std, noise_std=noise_scale
+    )
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:

@@ -5,7 +5,8 @@ transformers nor any scorer's model code.
 
 Flow rewards are called ``f(prompts, images, **kwargs) -> list[float | None]`` (see
 ``FlowGRPOTrainer``); Janus/TRL rewards ``f(prompts=, completions=, **kwargs)``. The external image
-scorers accept both. ``self_certainty`` is the statistic the self-certainty rewards are built on
+scorers and :class:`RemoteReward` (a reward computed by a server: :mod:`trl_intrinsic.rewards.serve`)
+accept both. ``self_certainty`` is the statistic the self-certainty rewards are built on
 (:mod:`trl_intrinsic.autoregressive.self_certainty`), exported here for convenience.
 """
 
@@ -34,6 +35,10 @@ _LAZY = {
     "ImageReward": "trl_intrinsic.rewards.external",
     "OCRScore": "trl_intrinsic.rewards.external",
     "ocr_score": "trl_intrinsic.rewards.external",
+    # a reward scored by a server (python -m trl_intrinsic.rewards.serve)
+    "RemoteReward": "trl_intrinsic.rewards.remote",
+    "AsyncRemoteReward": "trl_intrinsic.rewards.remote",
+    "RemoteRewardError": "trl_intrinsic.rewards.remote",
     # the toy world's rule-based verifier
     "verifier_reward": "trl_intrinsic.toyworld.reward",
     "verifier_reward_partial": "trl_intrinsic.toyworld.reward",
@@ -41,11 +46,14 @@ _LAZY = {
 
 __all__ = [
     "AestheticScore",
+    "AsyncRemoteReward",
     "CLIPScore",
     "HPSv2",
     "ImageReward",
     "OCRScore",
     "PickScore",
+    "RemoteReward",
+    "RemoteRewardError",
     "SolaceReward",
     "clip_score",
     "nsc_reward",
@@ -73,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
         pick_score,
     )
     from trl_intrinsic.rewards.nsc import nsc_reward, self_certainty_reward
+    from trl_intrinsic.rewards.remote import AsyncRemoteReward, RemoteReward, RemoteRewardError
     from trl_intrinsic.rewards.solace import SolaceReward, solace_reward
     from trl_intrinsic.toyworld.reward import verifier_reward, verifier_reward_partial
 

@@ -234,10 +234,13 @@ def plot_curves(
     *,
     title: str = "",
     size: tuple[int, int] = (640, 400),
+    smooth: Sequence[str] = (),
 ) -> Path:
     """Draw ``{name: [(step, value), ...]}`` as line plots on one PNG of ``size`` pixels, with a legend.
 
-    A curve named ``overall`` is drawn thicker and in black; non-finite values are skipped.
+    A curve named ``overall`` is drawn thicker and in black; non-finite values are skipped. Curves named in
+    ``smooth`` (noisy per-step values) are drawn as faint points under their running mean over a window of
+    about a tenth of the points (at least 3).
     """
     import matplotlib
 
@@ -255,7 +258,11 @@ def plot_curves(
                 continue
             xs, ys = zip(*points, strict=True)
             style = {"color": "black", "linewidth": 2.5} if name == "overall" else {"color": colours[k % 10]}
-            axes.plot(xs, ys, marker="o", markersize=3, label=name, **style)
+            if name in smooth and len(ys) >= 3:
+                axes.plot(xs, ys, "o", markersize=2.5, alpha=0.3, color=style["color"])
+                axes.plot(xs, running_mean(ys, max(3, len(ys) // 10)), label=f"{name} (running mean)", **style)
+            else:
+                axes.plot(xs, ys, marker="o", markersize=3, label=name, **style)
             drawn += 1
         if drawn:
             axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -270,6 +277,29 @@ def plot_curves(
     return Path(path)
 
 
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window − 1`` before it (fewer at the start): a causal moving average."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` characters (longer words stay whole)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line]
+
+
 def before_after_grid(
     prompts: Sequence[str], before: Sequence[Image.Image], after: Sequence[Image.Image], path: str | Path
 ) -> Path:
@@ -278,24 +308,15 @@ def before_after_grid(
     if not (len(prompts) == len(before) == len(after)) or not prompts:
         raise ValueError("`prompts`, `before` and `after` must be non-empty and of equal length.")
     tile = max(before[0].size[0], 96)
-    label = 28
-    grid = Image.new("RGB", (tile * len(prompts), 2 * tile + label + 16), "white")
+    labels = [_wrap(prompt, tile // 6) for prompt in prompts]  # about 6 px per character
+    grid = Image.new("RGB", (tile * len(prompts), 2 * tile + 24 + 10 * max(map(len, labels))), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((2, 0), "before", fill="black")
     draw.text((2, tile + 8), "after", fill="black")
-    for i, prompt in enumerate(prompts):
+    for i, lines in enumerate(labels):
         grid.paste(before[i].resize((tile - 4, tile - 4), Image.NEAREST), (i * tile + 2, 12))
         grid.paste(after[i].resize((tile - 4, tile - 4), Image.NEAREST), (i * tile + 2, tile + 20))
-        words, line = prompt.split(), ""
-        lines = []
-        for word in words:  # wrap to the tile width (about 6 px per character)
-            if len(line) + len(word) + 1 > tile // 6:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
-        for j, text in enumerate(lines[:2]):
+        for j, text in enumerate(lines):  # the whole prompt, however many lines it takes
             draw.text((i * tile + 2, 2 * tile + 20 + 10 * j), text, fill="black")
     grid.save(path)
     return Path(path)

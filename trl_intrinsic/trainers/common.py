@@ -16,6 +16,7 @@ Random streams are derived with :func:`trl_intrinsic.seeding.derived_generator`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -31,6 +32,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -41,6 +43,8 @@ from trl import GRPOConfig
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
+from trl_intrinsic.ema import ParameterCopy, warmup_ema_decay
+from trl_intrinsic.memory import MemoryEstimate, optimizer_state_factor, tensor_bytes
 from trl_intrinsic.seeding import derived_generator
 from trl_intrinsic.validation import Range, check_choice, check_ranges
 
@@ -50,6 +54,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 """Written last by ``Trainer._save_checkpoint``: its presence marks a complete checkpoint."""
 ROLLOUT_BUFFER_NAME = "rollout_buffer_{rank}.safetensors"
 EXTRA_STATE_NAME = "trl_intrinsic_state.json"
+EMA_NAME = "ema.safetensors"
 TRAINING_ARGS_NAME = "training_args.json"
 
 # Metadata a rollout buffer must agree on with the run that resumes it.
@@ -379,6 +384,28 @@ class FlowTrainingConfig(GRPOConfig):
         collapse_action (`str`, *optional*, defaults to `"warn"`):
             What a collapse (as above) does: `"warn"` once, or `"stop"` training at that step without
             checkpointing it, so that the last checkpoint holds the model from before the collapse.
+        ema (`bool`, *optional*, defaults to `False`):
+            Keep an exponential moving average of the trainable weights, as Flow-GRPO's reference does
+            (`train.ema`), and use it for `evaluate()` and `save_model()` (checkpoints keep the raw weights
+            for an exact resume, plus the average in `ema.safetensors`). After optimizer step `s`, every
+            `ema_update_interval` steps: `ema ← d·ema + (1 − d)·θ` with `d = min((1 + s)/(10 + s), ema_decay)`.
+            Costs one copy of the trainable weights.
+        ema_decay (`float`, *optional*, defaults to `0.9`):
+            Largest EMA decay (the reference's 0.9 with an interval of 8 averages over about 80 steps).
+        ema_update_interval (`int`, *optional*, defaults to `8`):
+            Optimizer steps between two EMA updates.
+        drop_zero_advantage (`bool`, *optional*, defaults to `False`):
+            Train only on the samples whose advantage is not zero (groups whose rewards all agree carry no
+            policy gradient), as Flow-GRPO's reference does: the kept samples are split into the
+            `steps_per_generation` micro-batches, which shrink accordingly, and random dropped samples are put
+            back so that every micro-batch has the same size. Saves the training compute of those samples;
+            each kept sample weighs more in the micro-batch mean, and dropped samples add no KL term.
+            `kept_fraction` is logged.
+        offload_rollout_buffer (`bool`, *optional*, defaults to `False`):
+            Keep the generation batch's tensors (latents, log-probabilities, prompt embeddings, …) in CPU memory
+            between sampling and training, and move each micro-batch to the accelerator when it is trained on.
+            Frees `trainer.memory_estimate().rollout_buffer` bytes of accelerator memory for one host-to-device
+            copy per micro-batch; the numbers are unchanged. No effect when training on the CPU.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -421,6 +448,18 @@ class FlowTrainingConfig(GRPOConfig):
         metadata={
             "help": "Warn when latent texture falls below this fraction of its first value; 0 disables."
         },
+    )
+    ema: bool = field(
+        default=False, metadata={"help": "Evaluate and save an EMA of the trainable weights (Flow-GRPO's train.ema)."}
+    )
+    ema_decay: float = field(default=0.9, metadata={"help": "Largest EMA decay."})
+    ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    drop_zero_advantage: bool = field(
+        default=False, metadata={"help": "Train only on samples with a non-zero advantage (Flow-GRPO's filter)."}
+    )
+    offload_rollout_buffer: bool = field(
+        default=False,
+        metadata={"help": "Keep the generation batch in CPU memory between sampling and training."},
     )
 
     def _field_rules(self) -> list[Range]:
@@ -484,6 +523,8 @@ FLOW_FIELD_RULES = (
     Range("max_sequence_length", 1, integer=True, optional=True),
     Range("adv_clip_max", 0, low_open=True, fix="the references use 5."),
     Range("collapse_warning_ratio", 0, 1, high_open=True, fix="0 disables the warning."),
+    Range("ema_decay", 0, 1, high_open=True, fix="Flow-GRPO's reference uses 0.9."),
+    Range("ema_update_interval", 1, integer=True, fix="Flow-GRPO's reference updates every 8 steps."),
 )
 
 
@@ -588,6 +629,8 @@ class FlowTrainerBase(_BaseTrainer):
         self._collapse_warned = False
         self._collapse_stop = False  # set by the collapse statistics with `collapse_action="stop"`
         self.add_callback(_StopOnCollapse(self))
+        self._trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        self._ema = self._init_ema() if args.ema else None
 
     def _needs_frozen_reference(self, args: Any) -> bool:
         """Whether full fine-tuning keeps a frozen copy of the initial transformer (for a KL term)."""
@@ -631,10 +674,30 @@ class FlowTrainerBase(_BaseTrainer):
         if self._resume_checkpoint is not None:
             self._restore_from_checkpoint(self._resume_checkpoint)
             self._resume_checkpoint = None
+        offload = self.args.offload_rollout_buffer
         if self._step % self.generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score(generation_batch, mode="train")
+            if self.args.drop_zero_advantage:
+                batch = self._keep_informative(batch)
+            batch = send_to_device(batch, "cpu") if offload else batch
             self._buffered_inputs = self._split(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+        chunk = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return send_to_device(chunk, self.accelerator.device) if offload else chunk
+
+    def _keep_informative(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The rows of a generation batch with a non-zero advantage, plus random others so that the count is a
+        positive multiple of ``steps_per_generation`` (``drop_zero_advantage``)."""
+        advantages, chunks = batch["advantages"], self.args.steps_per_generation
+        keep = advantages != 0
+        kept = int(keep.sum())
+        target = max(chunks, math.ceil(kept / chunks) * chunks)
+        if target > kept:
+            dropped = (~keep).nonzero().flatten()
+            order = torch.randperm(len(dropped), generator=self._generator("keep")).to(dropped.device)
+            keep[dropped[order[: target - kept]]] = True
+        index = keep.nonzero().flatten()
+        self._metrics["train"]["kept_fraction"].append(len(index) / len(advantages))
+        return {k: (v[index] if k in self.per_row_keys else v) for k, v in batch.items()}
 
     def _split(self, batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
         size = len(batch[self.per_row_keys[0]]) // num_chunks
@@ -653,7 +716,26 @@ class FlowTrainerBase(_BaseTrainer):
         """``Trainer.evaluate``. Evaluation samples start from the same noise on every call, whatever the
         training step, so successive evaluations compare models, not noise draws."""
         self._eval_batches = 0
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        with self._ema_weights():
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _init_ema(self) -> ParameterCopy:
+        """An EMA of the trainable weights for evaluation and saving (Flow-GRPO's ``train.ema``), updated by a
+        callback after each optimizer step."""
+        self.add_callback(_EMAStep(self))
+        return ParameterCopy(self._trainable)
+
+    def _ema_weights(self) -> contextlib.AbstractContextManager:
+        """The EMA weights swapped into the model for a block (with ``ema=True``; otherwise nothing changes)."""
+        return self._ema.swapped() if self._ema is not None else contextlib.nullcontext()
+
+    def _update_ema(self) -> None:
+        """After optimizer step ``s``: blend the weights into the EMA every ``ema_update_interval`` steps."""
+        step = self.state.global_step
+        if (step + 1) % self.args.ema_update_interval == 0:
+            decay = warmup_ema_decay(step, self.args.ema_decay)
+            self._ema.blend_(decay)
+            self._metrics["train"]["ema/decay"].append(decay)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._prepare_inputs(inputs)  # samples deterministically and records the eval rewards
@@ -687,7 +769,18 @@ class FlowTrainerBase(_BaseTrainer):
         return images
 
     def _sample_rollouts(
-        self, mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, sde_type="flow_sde"
+        self,
+        mode,
+        rows,
+        embeddings,
+        sigmas,
+        timesteps,
+        window,
+        noise_level,
+        micro,
+        sde_type="flow_sde",
+        record_means=False,
+        record_uncond=(),
     ) -> list:
         """Trajectories of every row, ``micro`` rows per transformer batch, in eval mode (no dropout).
 
@@ -734,6 +827,8 @@ class FlowTrainerBase(_BaseTrainer):
                     sde_type=sde_type,
                     generator=generator,
                     transformer=transformer,
+                    record_means=record_means,
+                    record_uncond=record_uncond,
                 )
             )
         transformer.train(was_training)
@@ -822,20 +917,25 @@ class FlowTrainerBase(_BaseTrainer):
             "group_ids": group_ids.tolist(),
             "trainer_state": self.state,
         }
-        step, outputs, pending = self.state.global_step, {}, {}
-        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+        step, outputs, running = self.state.global_step, {}, {}
+        # Async rewards (e.g. a reward server) are called first and run while the sync ones compute.
+        funcs = list(enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)))
+        for i, (func, name) in sorted(funcs, key=lambda item: not _is_async(item[1][0])):
             try:
                 images_arg = images if getattr(func, "requires_images", True) else None
                 result = func(prompts=prompts, images=images_arg, **kwargs)
             except Exception as error:
                 raise reward_call_error(name, error, step, len(prompts), prompts[0]) from error
             if inspect.isawaitable(result):
-                pending[i] = result
+                running[i] = self._start_async(result)
             else:
                 outputs[i] = result
-        if pending:
-            for i, result in zip(pending, self._run_async(list(pending.values())), strict=True):
-                outputs[i] = result
+        for i, future in running.items():
+            try:
+                outputs[i] = future.result()
+            except Exception as error:
+                name = self.reward_func_names[i]
+                raise reward_call_error(name, error, step, len(prompts), prompts[0]) from error
         rewards = torch.tensor(
             [
                 check_reward_values(name, outputs[i], len(prompts), step, prompts)
@@ -853,16 +953,16 @@ class FlowTrainerBase(_BaseTrainer):
             )
         return rewards.to(self.accelerator.device)
 
-    def _run_async(self, awaitables: list) -> list:
-        """Await the async rewards concurrently on a private event loop thread."""
+    def _start_async(self, awaitable) -> concurrent.futures.Future:
+        """Run an async reward on the trainer's private event-loop thread; returns its future."""
         if self._async_loop is None:
             self._async_loop = asyncio.new_event_loop()
             threading.Thread(target=self._async_loop.run_forever, daemon=True).start()
 
-        async def _gather():
-            return await asyncio.gather(*awaitables)
+        async def _await():
+            return await awaitable
 
-        return asyncio.run_coroutine_threadsafe(_gather(), self._async_loop).result()
+        return asyncio.run_coroutine_threadsafe(_await(), self._async_loop)
 
     def _backward_pieces(
         self, model, num_pieces: int, piece_loss: Callable[[int], torch.Tensor]
@@ -1007,10 +1107,53 @@ class FlowTrainerBase(_BaseTrainer):
     # ------------------------------------------------------------------ checkpoints, resume and saving
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of
-        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind)."""
+        ``output_dir`` (a run killed while saving leaves a newer, incomplete one behind). The main process
+        first prints :meth:`memory_estimate`."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self.is_world_process_zero():
+            print(self.memory_estimate().format())
         self._resume_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """The memory this run keeps resident per process, without activations (:mod:`trl_intrinsic.memory`).
+
+        The rollout buffer holds ``per_device_train_batch_size × steps_per_generation`` images (the per-image
+        tensors of :meth:`_rollout_bytes_per_image`) and the embeddings of their unique prompts, measured by
+        encoding one prompt.
+        """
+        args = self.args
+        modules = [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+        trainable = sum(p.numel() * p.element_size() for p in self._trainable)
+        images = args.per_device_train_batch_size * args.steps_per_generation
+        latent_numel = math.prod(self.adapter.latent_shape(args.resolution, args.resolution))
+        use_cfg = args.guidance_scale > 1.0
+        with torch.no_grad():
+            one = self.adapter.encode_prompts(
+                [""],
+                negative_prompt=args.negative_prompt if use_cfg else None,
+                max_sequence_length=args.max_sequence_length,
+            )
+        prompts = math.ceil(images / self.num_generations)
+        embeddings = prompts * tensor_bytes(one.cond) + tensor_bytes(one.uncond, one.shared)
+        return MemoryEstimate(
+            weights=tensor_bytes(*modules),
+            trainable=trainable,
+            gradients=trainable,
+            optimizer_state=int(trainable * optimizer_state_factor(args.optim)),
+            copies=tensor_bytes(self.ref_transformer) + self._copy_bytes(),
+            rollout_buffer=images * self._rollout_bytes_per_image(latent_numel) + embeddings,
+        )
+
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        """Bytes of the per-image tensors a generation batch keeps (``per_row_keys``) for a latent of
+        ``latent_numel`` elements; the algorithm's own layout."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `_rollout_bytes_per_image`.")
+
+    def _copy_bytes(self) -> int:
+        """Bytes of the copies of trainable weights (the EMA; a subclass adds its own), besides a frozen
+        reference transformer."""
+        return self._ema.nbytes() if self._ema is not None else 0
 
     def _extra_state(self) -> dict[str, Any]:
         """Trainer state saved beside ``Trainer``'s in every checkpoint (restored by :meth:`_restore_extra_state`)."""
@@ -1041,6 +1184,8 @@ class FlowTrainerBase(_BaseTrainer):
             )
         if self.accelerator.is_main_process:
             save_extra_state(folder, self._extra_state())
+            if self._ema is not None:
+                self._ema.save(os.path.join(folder, EMA_NAME))
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
@@ -1048,6 +1193,8 @@ class FlowTrainerBase(_BaseTrainer):
         """Put the trainer where it stopped: the micro-step counter, extra state and the rollouts in use."""
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._restore_extra_state(load_extra_state(checkpoint))
+        if self._ema is not None:
+            self._ema.load(os.path.join(checkpoint, EMA_NAME), "EMA weights (`ema=True`)")
         chunks = load_rollout_buffer(
             checkpoint,
             rank=self.accelerator.process_index,
@@ -1086,9 +1233,11 @@ class FlowTrainerBase(_BaseTrainer):
             # sharded engines need every process to take part in collecting the state dict
             self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self._save(output_dir)
-            if not _internal_call and self.args.save_full_pipeline and not self.use_lora:
-                self.pipeline.save_pretrained(output_dir, safe_serialization=True)
+            # The EMA (with `ema=True`) is what a user gets; checkpoints keep the raw weights for a resume.
+            with self._ema_weights() if not _internal_call else contextlib.nullcontext():
+                self._save(output_dir)
+                if not _internal_call and self.args.save_full_pipeline and not self.use_lora:
+                    self.pipeline.save_pretrained(output_dir, safe_serialization=True)
             self.create_model_card(output_dir=output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -1224,6 +1373,23 @@ class _StopOnCollapse(TrainerCallback):
             control.should_training_stop = True
             control.should_save = False
         return control
+
+
+class _EMAStep(TrainerCallback):
+    """Updates the trainer's EMA of the trainable weights after each optimizer step (``ema=True``)."""
+
+    def __init__(self, trainer: FlowTrainerBase):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_ema()
+        return control
+
+
+def _is_async(func: Any) -> bool:
+    """Whether calling ``func`` returns a coroutine (an ``async def`` function or ``__call__``)."""
+    call = type(func).__call__ if not inspect.isfunction(func) else func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
 def resolve_flow_rewards(reward_funcs: Any) -> tuple[list[Callable], list[str]]:

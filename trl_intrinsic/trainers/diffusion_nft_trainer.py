@@ -24,14 +24,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from trl_intrinsic.ema import ParameterCopy
 from trl_intrinsic.flow.nft import (
-    ema_update_,
     forward_noise,
     kl_to_reference,
     nft_loss,
@@ -82,10 +80,7 @@ class DiffusionNFTTrainer(FlowTrainerBase):
     def __init__(self, model, reward_funcs, args: DiffusionNFTConfig | None = None, **kwargs: Any):
         super().__init__(model, reward_funcs, args=args, **kwargs)
         # The old (sampling) policy: a copy of the trainable weights, swapped in for sampling and for v_old.
-        self._trainable = [
-            p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad
-        ]
-        self._old_params = [p.detach().clone() for p in self._trainable]
+        self._old = ParameterCopy(self._trainable)
 
     def _model_card_settings(self) -> str:
         args = self.args
@@ -95,19 +90,6 @@ class DiffusionNFTTrainer(FlowTrainerBase):
         )
 
     # ------------------------------------------------------------------ the old policy
-    @contextlib.contextmanager
-    def _old_policy(self) -> Iterator[None]:
-        """Swap the old policy's weights into the transformer for the block (no copy: tensors are exchanged)."""
-        with torch.no_grad():
-            for param, old in zip(self._trainable, self._old_params, strict=True):
-                param.data, old.data = old.data, param.data
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for param, old in zip(self._trainable, self._old_params, strict=True):
-                    param.data, old.data = old.data, param.data
-
     def _update_old_policy(self) -> float:
         """``θ_old ← η·θ_old + (1 − η)·θ`` with the decay of the current optimizer step; returns η."""
         args = self.args
@@ -117,7 +99,7 @@ class DiffusionNFTTrainer(FlowTrainerBase):
             rate=args.old_policy_decay_rate,
             max_decay=args.old_policy_max_decay,
         )
-        ema_update_(self._old_params, self._trainable, decay)
+        self._old.blend_(decay)
         return decay
 
     # ------------------------------------------------------------------ rollouts and rewards
@@ -137,7 +119,7 @@ class DiffusionNFTTrainer(FlowTrainerBase):
 
         # 3. Sample clean latents with the ODE: the old policy for training, the trained one for evaluation.
         started = time.perf_counter()
-        policy = self._old_policy() if mode == "train" else contextlib.nullcontext()
+        policy = self._old.swapped() if mode == "train" else contextlib.nullcontext()
         with policy:
             rollouts = self._sample_rollouts(
                 mode, rows, embeddings, sigmas, timesteps, sde_window(steps), 0.0, micro
@@ -172,6 +154,12 @@ class DiffusionNFTTrainer(FlowTrainerBase):
             "embeddings": embeddings,
             "sigmas": sigmas,
         }
+
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        return 4 * (latent_numel + 2) + 8  # float32 clean latent, r and advantage; int64 prompt row
+
+    def _copy_bytes(self) -> int:
+        return super()._copy_bytes() + self._old.nbytes()
 
     # ------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -223,7 +211,7 @@ class DiffusionNFTTrainer(FlowTrainerBase):
         """NFT loss (+ β·KL) of one micro-batch re-noised at levels ``t`` (B,); a scalar."""
         args, metrics = self.args, self._metrics["train"]
         x_t, target = forward_noise(batch["latents"], t, noise)
-        with torch.no_grad(), self._old_policy():
+        with torch.no_grad(), self._old.swapped():
             v_old = self._velocity(self.accelerator.unwrap_model(model), x_t, t, batch)
         v_theta = self._velocity(model, x_t, t, batch)
         loss, stats = nft_loss(
@@ -253,24 +241,9 @@ class DiffusionNFTTrainer(FlowTrainerBase):
         if self.accelerator.is_main_process:
             folder = checkpoint_folder(self, trial)
             os.makedirs(folder, exist_ok=True)
-            tensors = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(self._old_params)}
-            save_file(tensors, os.path.join(folder, OLD_POLICY_NAME))
+            self._old.save(os.path.join(folder, OLD_POLICY_NAME))
         super()._save_checkpoint(model, trial)
 
     def _restore_from_checkpoint(self, checkpoint: str) -> None:
         super()._restore_from_checkpoint(checkpoint)
-        path = os.path.join(checkpoint, OLD_POLICY_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"Checkpoint {checkpoint} has no {OLD_POLICY_NAME} (the old sampling policy of DiffusionNFT); resume "
-                "from a checkpoint written by DiffusionNFTTrainer."
-            )
-        saved = load_file(path)
-        if len(saved) != len(self._old_params):
-            raise ValueError(
-                f"{path} holds {len(saved)} tensors but the trainer has {len(self._old_params)} trainable ones; "
-                "resume with the LoRA configuration of the run that saved it."
-            )
-        with torch.no_grad():
-            for i, old in enumerate(self._old_params):
-                old.copy_(saved[str(i)])
+        self._old.load(os.path.join(checkpoint, OLD_POLICY_NAME), "old sampling policy of DiffusionNFT")

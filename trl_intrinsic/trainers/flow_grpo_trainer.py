@@ -21,6 +21,7 @@ shared with the other flow trainers (:class:`~trl_intrinsic.trainers.common.Flow
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -30,7 +31,12 @@ from trl_intrinsic.flow.rollout import sde_window, train_step_indices
 from trl_intrinsic.flow.sde import sde_step_with_logprob
 from trl_intrinsic.trainers.common import FlowTrainerBase
 from trl_intrinsic.trainers.flow_grpo_config import FlowGRPOConfig
-from trl_intrinsic.trainers.grpo_math import clipped_policy_loss, combine_rewards, gaussian_mean_kl
+from trl_intrinsic.trainers.grpo_math import (
+    clipped_ratio_loss,
+    combine_rewards,
+    gaussian_mean_kl,
+    ratio_norm_log_ratio,
+)
 
 __all__ = ["FlowGRPOTrainer"]
 
@@ -57,7 +63,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
     """
 
     config_class = FlowGRPOConfig
-    per_row_keys = ("latents", "log_probs", "advantages", "rows")
+    per_row_keys = ("latents", "log_probs", "advantages", "rows", "means", "uncond")
     _tag_names = ("trl", "trl-intrinsic", "flow-grpo", "diffusers", "text-to-image")
     _name = "Flow-GRPO"
     _method_summary = "online RL for flow-matching models"
@@ -85,6 +91,14 @@ class FlowGRPOTrainer(FlowTrainerBase):
             f"guidance {args.guidance_scale}; β = {args.beta}"
         )
 
+    def _rollout_bytes_per_image(self, latent_numel: int) -> int:
+        args, steps = self.args, self.args.num_inference_steps
+        window = args.sde_window_size or steps - 1
+        trained = max(1, math.ceil(args.timestep_fraction * window - 1e-9))
+        latents = steps + 1 + (steps if args.grpo_guard else 0) + (trained if self._caches_uncond else 0)
+        return 4 * (latents * latent_numel + steps + 1) + 8  # float32 latents (+ step means, + uncond
+        # velocities), log-probs and advantage; int64 prompt row
+
     # ------------------------------------------------------------------ rollouts and rewards
     @torch.no_grad()
     def _generate_and_score(self, inputs: list[dict], mode: str) -> dict[str, Any]:
@@ -111,8 +125,10 @@ class FlowGRPOTrainer(FlowTrainerBase):
 
         # 3. Sample the trajectories, micro-batch by micro-batch.
         started = time.perf_counter()
+        guard = args.grpo_guard and mode == "train"
+        cached = train_steps if mode == "train" and self._caches_uncond else ()
         rollouts = self._sample_rollouts(
-            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro
+            mode, rows, embeddings, sigmas, timesteps, window, noise_level, micro, args.sde_type, guard, cached
         )
         latents = torch.cat([r.latents for r in rollouts])
         log_probs = torch.cat([r.log_probs for r in rollouts])
@@ -136,7 +152,7 @@ class FlowGRPOTrainer(FlowTrainerBase):
             aggregation=args.multi_objective_aggregation,
         )
         self._log_rollout_metrics(mode, all_rewards, rewards, all_groups, advantages, prompts, images, local)
-        return {
+        batch = {
             "latents": latents,
             "log_probs": log_probs,
             "advantages": advantages[local],
@@ -146,6 +162,12 @@ class FlowGRPOTrainer(FlowTrainerBase):
             "timesteps": timesteps,
             "train_steps": list(train_steps),
         }
+        if guard:  # the sampling policy's step means, for GRPO-Guard's normalised ratio
+            batch["means"] = torch.cat([r.means for r in rollouts])
+        if cached:  # the unconditional velocities at the trained steps, valid until the next optimizer step
+            batch["uncond"] = torch.cat([r.uncond for r in rollouts])
+            batch["sampled_at"] = self.state.global_step
+        return batch
 
     # ------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -162,8 +184,15 @@ class FlowGRPOTrainer(FlowTrainerBase):
         self._step += 1
         return total
 
-    def _replay_step(self, transformer, batch: dict[str, Any], j: int):
-        """Re-evaluate stored transition ``j`` (x_j → x_{j+1}) of a micro-batch under ``transformer``."""
+    @property
+    def _caches_uncond(self) -> bool:
+        """Whether rollouts keep the unconditional velocity of the trained steps: with guidance and a detached
+        unconditional half, training on unchanged weights reuses it instead of running that half again."""
+        return self.args.guidance_scale > 1.0 and not self.args.cfg_uncond_gradient
+
+    def _replay_step(self, transformer, batch: dict[str, Any], j: int, uncond_velocity=None):
+        """Re-evaluate stored transition ``j`` (x_j → x_{j+1}) of a micro-batch under ``transformer``;
+        ``uncond_velocity`` (B, ...) is a known unconditional prediction of ``transformer`` at x_j."""
         args, sigmas = self.args, batch["sigmas"]
         x = batch["latents"][:, j]
         velocity = self.adapter.predict_velocity(
@@ -173,7 +202,8 @@ class FlowGRPOTrainer(FlowTrainerBase):
             batch["rows"],
             guidance_scale=args.guidance_scale,
             transformer=transformer,
-            detach_uncond=not args.cfg_uncond_gradient,
+            detach_uncond=not args.cfg_uncond_gradient and torch.is_grad_enabled(),
+            uncond_velocity=uncond_velocity,
         )
         return sde_step_with_logprob(
             velocity,
@@ -188,24 +218,31 @@ class FlowGRPOTrainer(FlowTrainerBase):
 
     def _timestep_loss(self, model, batch: dict[str, Any], j: int) -> torch.Tensor:
         """Clipped GRPO loss (+ β·KL) of sampler step ``j`` for one micro-batch; a scalar."""
-        args = self.args
-        step = self._replay_step(model, batch, j)
+        args, metrics = self.args, self._metrics["train"]
+        # The sampled unconditional velocity is exact while no optimizer step has changed the weights.
+        fresh = "uncond" in batch and batch["sampled_at"] == self.state.global_step
+        cached = batch["uncond"][:, batch["train_steps"].index(j)] if fresh else None
+        step, old_log_prob = self._replay_step(model, batch, j, cached), batch["log_probs"][:, j]
+        log_ratio = step.log_prob - old_log_prob
+        if args.grpo_guard:  # RatioNorm: an unbiased ratio whose spread does not depend on the timestep
+            old_mean = batch["means"][:, j]
+            log_ratio = ratio_norm_log_ratio(
+                step.log_prob, old_log_prob, step.prev_sample_mean, old_mean, step.noise_std
+            )
         epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        loss, stats = clipped_policy_loss(
-            step.log_prob,
-            batch["log_probs"][:, j],
+        loss, stats = clipped_ratio_loss(
+            log_ratio,
             batch["advantages"],
             epsilon_low=args.epsilon,
             epsilon_high=epsilon_high,
             adv_clip_max=args.adv_clip_max,
         )
-        metrics = self._metrics["train"]
+        if args.grpo_guard:  # gradient reweighting: divide by the step size |dt| (GRPO-Guard, Flow-GRPO form)
+            loss = loss / (batch["sigmas"][j] - batch["sigmas"][j + 1])
         metrics["policy_loss"].append(loss.item())
         metrics["clip_ratio"].append(stats["clipped"].float().mean().item())
         metrics["ratio"].append(stats["ratio"].mean().item())
-        metrics["approx_kl"].append(
-            0.5 * (step.log_prob.detach() - batch["log_probs"][:, j]).pow(2).mean().item()
-        )
+        metrics["approx_kl"].append(0.5 * (step.log_prob.detach() - old_log_prob).pow(2).mean().item())
         if args.beta > 0:
             with torch.no_grad(), self._reference_model() as reference:
                 ref_mean = self._replay_step(reference, batch, j).prev_sample_mean

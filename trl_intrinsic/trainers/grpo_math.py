@@ -4,14 +4,15 @@ For a prompt group g with rewards ``r_i``::
 
     A_i = (r_i − mean_g(r)) / (std + 1e-4)
 
-where ``std`` is the group's standard deviation (``scale_rewards="group"``), that of the whole
-gathered batch (``"batch"``, Flow-GRPO's default) or 1 (``"none"``). Advantages are clipped to
-``±adv_clip_max``. With the ratio ``ρ = exp(log p − log p_old)`` the per-sample loss is::
+where ``std`` is the group's standard deviation (``scale_rewards="group"``), that of all the rewards
+of the gathered batch (``"batch"``: Flow-GRPO's ``global_std`` and TRL's ``"batch"``) or 1
+(``"none"``). Advantages are clipped to ``±adv_clip_max``. With the ratio ``ρ = exp(log p − log p_old)`` the per-sample loss is::
 
     max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))
 
 and the Flow-GRPO KL between two Gaussian steps with a shared std is
-``‖μθ − μref‖² / (2·std²)`` averaged over the sample's elements.
+``‖μθ − μref‖² / (2·std²)`` averaged over the sample's elements. GRPO-Guard's normalised ratio of a flow
+SDE step is :func:`ratio_norm_log_ratio`.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def group_advantages(
     if scale_rewards == "group":
         sq = torch.zeros(num_groups, device=rewards.device).index_add_(0, inverse, centered**2)
         std = torch.sqrt(sq / count.clamp_min(1))[inverse]
-    elif scale_rewards == "batch":
-        std = torch.sqrt((centered**2).sum() / valid.sum().clamp_min(1)).expand_as(rewards)
+    elif scale_rewards == "batch":  # the std of the raw rewards of the whole batch, as Flow-GRPO and TRL
+        batch_mean = filled.sum() / valid.sum().clamp_min(1)
+        spread = torch.where(valid, rewards - batch_mean, torch.zeros_like(rewards))
+        std = torch.sqrt((spread**2).sum() / valid.sum().clamp_min(1)).expand_as(rewards)
     return centered / (std + eps)
 
 
@@ -99,14 +102,67 @@ def clipped_policy_loss(
     Returns:
         The scalar loss and detached statistics: ``ratio`` (B,) and ``clipped`` (B,) bool.
     """
+    return clipped_ratio_loss(
+        log_prob - old_log_prob,
+        advantages,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        adv_clip_max=adv_clip_max,
+    )
+
+
+def clipped_ratio_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    adv_clip_max: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`clipped_policy_loss` for a given log-ratio ``log ρ`` (B,), e.g. GRPO-Guard's normalised one."""
     if adv_clip_max is not None:
         advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(log_prob - old_log_prob)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
     loss = torch.maximum(unclipped, clipped).mean()
     stats = {"ratio": ratio.detach(), "clipped": (clipped > unclipped).detach()}
     return loss, stats
+
+
+def ratio_norm_log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    noise_std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio of one Gaussian SDE step (Wang et al. 2025, arXiv 2510.22319).
+
+    For a step ``x' = μ_old + s·ε`` of the sampling policy and the current mean ``μ = μ_old + Δμ``, the
+    per-element log-ratio is ``ε·Δμ / s − Δμ² / (2s²)``: its mean is negative whenever the policy moved,
+    and its spread scales with ``1/s``, which differs by orders of magnitude between timesteps, so a
+    fixed clipping range is too wide at some steps and too narrow at others. RatioNorm adds the bias
+    back and removes the scale::
+
+        log ρ̂ = (log p − log p_old + mean(Δμ²) / (2s²)) · s  =  mean(ε·Δμ)
+
+    Args:
+        log_prob: (B,) log-density of the stored ``x'`` under the current policy (nats per element,
+            averaged over the non-batch dimensions, as :func:`~trl_intrinsic.flow.sde.sde_step_with_logprob`
+            returns it).
+        old_log_prob: (B,) the same under the sampling policy.
+        mean: (B, ...) the current step mean ``μ`` (with gradients).
+        old_mean: (B, ...) the sampling policy's step mean ``μ_old``.
+        noise_std: broadcastable to (B, 1, ...): the step's noise std ``s`` (``SDEStepOutput.noise_std``).
+
+    Returns:
+        (B,) the normalised log-ratio.
+    """
+    dims = tuple(range(1, mean.ndim))
+    s = noise_std.reshape(noise_std.shape[0], -1)[:, 0] if noise_std.ndim else noise_std
+    bias = (mean - old_mean).pow(2).mean(dim=dims) / (2 * s**2)
+    return (log_prob - old_log_prob + bias) * s
 
 
 def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std_dev: torch.Tensor) -> torch.Tensor:
