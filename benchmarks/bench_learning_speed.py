@@ -91,6 +91,17 @@ class Measure(TrainerCallback):
             control.should_training_stop = True
 
 
+def parse_value(raw: str):
+    """A ``--set`` value as YAML, with ``1e-3``-style numbers read as floats (YAML 1.1 reads them as text)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -108,7 +119,7 @@ def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
     for override in args.set:
         key, _, raw = override.partition("=")
         if key.startswith(f"{method}."):
-            values[key.split(".", 1)[1]] = yaml.safe_load(raw)
+            values[key.split(".", 1)[1]] = parse_value(raw)
     config_class, trainer_class = (
         (FlowGRPOConfig, FlowGRPOTrainer)
         if method == "flow_grpo"

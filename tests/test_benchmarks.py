@@ -65,6 +65,15 @@ def test_learning_speed_summary_pairs_every_point_with_the_base(tmp_path):
     assert "| a | 2 |" in (tmp_path / "merged.md").read_text()
 
 
+def test_learning_speed_overrides_read_numbers_as_numbers():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_learning_speed as bench
+
+    assert bench.parse_value("1e-3") == 1e-3 and isinstance(bench.parse_value("1e-3"), float)
+    assert bench.parse_value("2") == 2 and bench.parse_value("false") is False
+    assert bench.parse_value("[0, 5]") == [0, 5] and bench.parse_value("cosine") == "cosine"
+
+
 def _bench_vs_official():
     sys.path.insert(0, str(BENCHMARKS))
     import _vs_official_worker as worker
