@@ -13,6 +13,12 @@ the deterministic sampler of the toy model (10 steps, CFG 4.5) from fixed evalua
 identical noise (paired). Writes ``<output>.json`` (every curve) and ``<output>.md`` (accuracy at equal
 CPU time per method: mean over seeds, the paired change against the base model with its SE, and the
 between-seed SD).
+
+``--reward solace_reward`` trains on another reward (any name of :mod:`trl_intrinsic.rewards`). Accuracy is
+still measured as above, and the trained reward too: at every measurement the trainer's own ``evaluate()``
+samples ``--reward-samples`` images of the prompt (its deterministic evaluation sampler, from the same noise
+at every call) and the reward scores them with its probes fixed (SOLACE's are drawn as at step 0), so the
+trained reward is paired across measurements and methods like accuracy.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
 EVAL_SEED_OFFSET = 100_000
+VERIFIER = "verifier_reward_partial"
 METHODS = {"flow_grpo": "toy_flow_grpo.yaml", "diffusion_nft": "toy_diffusion_nft.yaml"}
 # Keys of the demo YAML that are script options, not trainer fields.
 SCRIPT_KEYS = {"dataset_name", "num_train_prompts", "reward_funcs", "toy_eval_prompts_per_tag", "use_peft",
@@ -58,8 +65,8 @@ def correctness(pipeline, prompt: str, metadata: dict, num_samples: int, batch: 
 class Measure(TrainerCallback):
     """Stops training at the CPU budget and measures accuracy every ``every`` steps (its CPU time excluded)."""
 
-    def __init__(self, trainer, prompt, metadata, num_samples, every, budget_s):
-        self.trainer, self.prompt, self.metadata = trainer, prompt, metadata
+    def __init__(self, trainer, prompt, metadata, num_samples, every, budget_s, recorder=None):
+        self.trainer, self.prompt, self.metadata, self.recorder = trainer, prompt, metadata, recorder
         self.num_samples, self.every, self.budget_s = num_samples, every, budget_s
         self.eval_cpu = 0.0
         self.start = time.process_time()
@@ -71,11 +78,14 @@ class Measure(TrainerCallback):
     def measure(self, step: int) -> None:
         started = time.process_time()
         correct = correctness(self.trainer.pipeline, self.prompt, self.metadata, self.num_samples)
+        point = {"step": step, "accuracy": float(correct.mean()), "correct": correct.astype(int).tolist()}
+        if self.recorder is not None:
+            point["reward"] = self.recorder.measure(self.trainer)
         self.eval_cpu += time.process_time() - started
-        self.curve.append({"step": step, "cpu_s": self.training_cpu(), "accuracy": float(correct.mean()),
-                           "correct": correct.astype(int).tolist()})  # fmt: skip
+        self.curve.append({"cpu_s": self.training_cpu(), **point})
+        shown = f"  trained reward {np.mean(point['reward']):.4f}" if "reward" in point else ""
         print(
-            f"  step {step:3d}  cpu {self.curve[-1]['cpu_s']:7.1f} s  accuracy {correct.mean():.3f}",
+            f"  step {step:3d}  cpu {self.curve[-1]['cpu_s']:7.1f} s  accuracy {correct.mean():.3f}{shown}",
             flush=True,
         )
 
@@ -89,6 +99,37 @@ class Measure(TrainerCallback):
             self.measure(state.global_step)
         if out_of_budget:
             control.should_training_stop = True
+
+
+class EvalRecorder:
+    """The trained reward as the trainer calls it; during :meth:`measure` it also records the values of the
+    evaluation samples, with the reward's random draws fixed (``trainer_state`` of step 0) and, for rewards
+    that read them (SOLACE), the same noise levels for every method: every other level of the evaluation
+    schedule (``sigmas[1:-1:2]``, 5 of 10), not the method's own trained steps."""
+
+    def __init__(self, reward):
+        self.reward, self.values = reward, None
+        self.__name__ = getattr(reward, "__name__", "reward")
+        self.requires_images = getattr(reward, "requires_images", True)
+
+    def __call__(self, *args, **kwargs):
+        if self.values is None:
+            return self.reward(*args, **kwargs)
+        fixed = {"trainer_state": {"global_step": 0}}
+        if kwargs.get("sigmas") is not None:
+            fixed["train_sigmas"] = kwargs["sigmas"][1:-1:2]
+        values = self.reward(*args, **{**kwargs, **fixed})
+        self.values += [float("nan") if v is None else float(v) for v in values]
+        return values
+
+    def measure(self, trainer) -> list[float]:
+        """(N,) the reward of each evaluation sample of ``trainer.evaluate()``."""
+        self.values = []
+        try:
+            trainer.evaluate()
+            return self.values
+        finally:
+            self.values = None
 
 
 def parse_value(raw: str):
@@ -107,6 +148,7 @@ def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
     from peft import LoraConfig
 
     from trl_intrinsic import DiffusionNFTConfig, DiffusionNFTTrainer, FlowGRPOConfig, FlowGRPOTrainer
+    from trl_intrinsic.rewards import reward_by_name
     from trl_intrinsic.toyworld import load_toy_pipeline
 
     values = yaml.safe_load((CONFIGS / METHODS[method]).read_text())
@@ -126,15 +168,23 @@ def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
         else (DiffusionNFTConfig, DiffusionNFTTrainer)
     )
     dataset = Dataset.from_dict({"prompt": [prompt] * 4096, "metadata": [json.dumps(metadata)] * 4096})
+    recorder, eval_dataset = None, None
+    if args.reward != VERIFIER:
+        recorder = EvalRecorder(reward_by_name(args.reward))
+        n = math.ceil(args.reward_samples / values["num_generations"])  # evaluate() samples each row G times
+        eval_dataset = Dataset.from_dict({"prompt": [prompt] * n, "metadata": [json.dumps(metadata)] * n})
+        values.update(per_device_eval_batch_size=values["per_device_train_batch_size"])
     trainer = trainer_class(
-        load_toy_pipeline(), ["verifier_reward_partial"], args=config_class(**values), train_dataset=dataset,
-        peft_config=lora,
+        load_toy_pipeline(), [recorder or args.reward], args=config_class(**values), train_dataset=dataset,
+        eval_dataset=eval_dataset, peft_config=lora,
     )  # fmt: skip
-    measure = Measure(trainer, prompt, metadata, args.eval_samples, args.eval_every, args.cpu_minutes * 60)
+    measure = Measure(
+        trainer, prompt, metadata, args.eval_samples, args.eval_every, args.cpu_minutes * 60, recorder
+    )
     trainer.add_callback(measure)
     trainer.train()
-    return {"method": method, "seed": seed, "config": {k: v for k, v in values.items() if k != "output_dir"},
-            "curve": measure.curve}  # fmt: skip
+    return {"method": method, "seed": seed, "reward": args.reward,
+            "config": {k: v for k, v in values.items() if k != "output_dir"}, "curve": measure.curve}  # fmt: skip
 
 
 def at_cpu(curve: list[dict], cpu_s: float | None) -> dict:
@@ -144,20 +194,22 @@ def at_cpu(curve: list[dict], cpu_s: float | None) -> dict:
     return [point for point in curve if point["cpu_s"] <= cpu_s + 1e-9][-1]
 
 
-def summarise(runs: list[dict], budget_s: float) -> str:
-    """Accuracy at a quarter, half and all of the CPU budget, per method."""
-    base = np.asarray(runs[0]["curve"][0]["correct"], dtype=float)
+def summarise(runs: list[dict], budget_s: float, key: str = "correct") -> str:
+    """Accuracy (``key="correct"``) or the trained reward (``key="reward"``) at a quarter, half and all of the
+    CPU budget, per method."""
+    name = "accuracy" if key == "correct" else "trained reward"
     lines = [
-        "| method | seeds | training CPU min (mean) | accuracy (mean over seeds) | change vs base ± paired SE | SD over seeds |",
+        f"| method | seeds | training CPU min (mean) | {name} (mean over seeds) | change vs base ± paired SE | SD over seeds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
+        base = np.asarray(mine[0]["curve"][0][key], dtype=float)  # every run of a method starts from it
         for cpu_s in (0.25 * budget_s, 0.5 * budget_s, None):
             points = [at_cpu(r["curve"], cpu_s) for r in mine]
-            accuracy = np.asarray([p["accuracy"] for p in points])
+            accuracy = np.asarray([np.mean(p[key]) for p in points])
             # Paired per evaluation sample (the same seeds as the base measurement), averaged over training seeds.
-            diffs = np.mean([np.asarray(p["correct"], dtype=float) - base for p in points], axis=0)
+            diffs = np.mean([np.asarray(p[key], dtype=float) - base for p in points], axis=0)
             se = diffs.std(ddof=1) / math.sqrt(len(diffs))
             spread = accuracy.std(ddof=1) if len(mine) > 1 else float("nan")
             cpu = np.mean([p["cpu_s"] for p in points]) / 60
@@ -177,6 +229,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--reward", default=VERIFIER, help="the trained reward (a name in trl_intrinsic.rewards)"
+    )
+    parser.add_argument(
+        "--reward-samples",
+        type=int,
+        default=64,
+        help="evaluation samples scored by a trained reward other than the verifier",
+    )
     parser.add_argument(
         "--set",
         nargs="*",
@@ -206,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             print(f"{method}, seed {seed}:", flush=True)
             runs.append(run(method, seed, args.prompt, metadata, args))
-    result = {"prompt": args.prompt, "cpu_minutes": args.cpu_minutes, "eval_samples": args.eval_samples,
+    result = {"prompt": args.prompt, "reward": args.reward, "cpu_minutes": args.cpu_minutes, "eval_samples": args.eval_samples,
               "eval_seeds": f"{EVAL_SEED_OFFSET}..{EVAL_SEED_OFFSET + args.eval_samples - 1}",
               "command": "python benchmarks/bench_learning_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": runs}  # fmt: skip
@@ -215,6 +276,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write(result: dict, output: str, cpu_minutes: float) -> dict:
     table = summarise(result["runs"], cpu_minutes * 60)
+    if "reward" in result["runs"][0]["curve"][0]:
+        samples = len(result["runs"][0]["curve"][0]["reward"])
+        table += (
+            f"\n\nThe trained reward ({result.get('reward')}) on {samples} evaluation samples of the trainer's "
+            "deterministic sampler:\n\n" + summarise(result["runs"], cpu_minutes * 60, key="reward")
+        )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{output}.json").write_text(json.dumps(result, indent=1))
     commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
@@ -223,7 +290,10 @@ def write(result: dict, output: str, cpu_minutes: float) -> dict:
         f"{result['eval_seeds']}, deterministic sampler, 10 steps, CFG 4.5); training CPU budget "
         f"{cpu_minutes:g} min per run. Commands: " + "; ".join(f"`{c}`" for c in commands)
     )
-    title = "# Learning speed at equal CPU time: Flow-GRPO and DiffusionNFT on one toy prompt"
+    trained = result.get("reward", VERIFIER)
+    title = "# Learning speed at equal CPU time: Flow-GRPO and DiffusionNFT on one toy prompt" + (
+        "" if trained == VERIFIER else f", trained on {trained}"
+    )
     Path(f"{output}.md").write_text(f"{title}\n\n{table}\n\n{note}\n")
     print(table)
     return result

@@ -74,6 +74,31 @@ def test_learning_speed_overrides_read_numbers_as_numbers():
     assert bench.parse_value("[0, 5]") == [0, 5] and bench.parse_value("cosine") == "cosine"
 
 
+def test_learning_speed_records_the_trained_reward_with_fixed_draws_only_while_measuring():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_learning_speed as bench
+    import torch
+
+    seen = []
+
+    def reward(prompts, images, sigmas=None, train_sigmas=None, trainer_state=None, **kwargs):
+        seen.append((train_sigmas, trainer_state))
+        return [float(len(p)) for p in prompts]
+
+    recorder = bench.EvalRecorder(reward)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+
+    class Trainer:  # evaluate() calls the reward as a trainer's evaluation does, at a later training step
+        def evaluate(self):
+            recorder(["ab", "abc"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7})
+
+    assert recorder(["a"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7}) == [1.0]
+    assert recorder.measure(Trainer()) == [2.0, 3.0]
+    assert seen[0][1] == {"global_step": 7} and torch.equal(seen[0][0], sigmas[:3])  # training: untouched
+    assert seen[1][1] == {"global_step": 0} and torch.equal(seen[1][0], sigmas[1:-1:2])  # measuring: fixed
+    assert recorder.values is None  # recording stops after the measurement
+
+
 def _bench_vs_official():
     sys.path.insert(0, str(BENCHMARKS))
     import _vs_official_worker as worker
