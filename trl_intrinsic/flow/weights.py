@@ -7,8 +7,10 @@ LoRA adapters are saved in diffusers format (``pytorch_lora_weights.safetensors`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "LORA_WEIGHTS_NAME",
     "TRANSFORMER_DIR",
+    "fused_lora",
     "load_flow_pipeline",
     "load_transformer_weights",
     "prepare_transformer",
@@ -112,6 +115,61 @@ def prepare_transformer(
     if activation_checkpointing:
         transformer.enable_gradient_checkpointing()
     return transformer, reference
+
+
+def _fusable_lora_layers(module: torch.nn.Module) -> list[Any] | None:
+    """The LoRA ``Linear`` layers of ``module`` with active, unmerged adapters, or ``None`` when a forward with
+    their deltas folded into the base weights would not compute what the adapters compute (DoRA, other layer
+    types, active dropout, adapters disabled or already merged)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        dropout = [layer.lora_dropout[a] for a in active]
+        if (
+            not isinstance(layer, Linear)
+            or layer.merged
+            or layer.disable_adapters
+            or any(layer.use_dora.get(a, False) for a in active)
+            or (layer.training and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in dropout))
+        ):
+            return None
+    return layers
+
+
+@contextlib.contextmanager
+def fused_lora(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run no-grad forwards of ``module`` with its LoRA adapters fused into its weights.
+
+    Inside the block, each LoRA ``Linear`` computes ``(W + ΔW) x`` with one matmul instead of
+    ``W x + s·B(A x)``: the cost of a forward of the base model, and the same outputs up to float rounding.
+    ``W + ΔW`` (``ΔW = s·B A``) is a temporary copy of each targeted weight (memory: one copy of the targeted
+    weights), and the original weight tensors are put back on exit, bit for bit; fusing in place and
+    unfusing (``peft``'s ``merge_adapter``) would let rounding drift the frozen base weights over a run.
+
+    Does nothing (the adapters run as usual) when gradients are enabled, when ``module`` has no LoRA layer,
+    or when fusing would change the numbers beyond rounding (DoRA, LoRA dropout in training mode, adapters
+    already disabled or merged, layer types other than ``Linear``).
+    """
+    layers = None if torch.is_grad_enabled() else _fusable_lora_layers(module)
+    if not layers:
+        yield module
+        return
+    originals = []
+    try:
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+            originals.append((weight, weight.data))
+            weight.data = weight.data + delta.to(weight.dtype)
+            layer.enable_adapters(False)
+        yield module
+    finally:
+        for layer, (weight, data) in zip(layers, originals):
+            weight.data = data
+            layer.enable_adapters(True)
 
 
 def save_transformer_weights(

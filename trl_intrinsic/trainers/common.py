@@ -406,6 +406,12 @@ class FlowTrainingConfig(GRPOConfig):
             between sampling and training, and move each micro-batch to the accelerator when it is trained on.
             Frees `trainer.memory_estimate().rollout_buffer` bytes of accelerator memory for one host-to-device
             copy per micro-batch; the numbers are unchanged. No effect when training on the CPU.
+        fuse_lora_for_sampling (`bool`, *optional*, defaults to `True`):
+            Run the policy's no-grad forwards (rollout sampling, and the `velocity_fn` of rewards such as
+            SOLACE) with each LoRA fused into a temporary copy of its weight
+            (:func:`~trl_intrinsic.flow.weights.fused_lora`): one matmul per layer instead of three, the same
+            outputs up to float rounding, and memory for one copy of the LoRA-targeted weights while sampling.
+            No effect without LoRA or with LoRA dropout in training mode; training forwards are unchanged.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -460,6 +466,10 @@ class FlowTrainingConfig(GRPOConfig):
     offload_rollout_buffer: bool = field(
         default=False,
         metadata={"help": "Keep the generation batch in CPU memory between sampling and training."},
+    )
+    fuse_lora_for_sampling: bool = field(
+        default=True,
+        metadata={"help": "Fuse the LoRA into the weights for no-grad policy forwards (rollouts, probes)."},
     )
 
     def _field_rules(self) -> list[Range]:
@@ -799,40 +809,47 @@ class FlowTrainerBase(_BaseTrainer):
         was_training = transformer.training
         transformer.eval()
         rollouts = []
-        for start in range(0, len(rows), micro):
-            chunk = rows[start : start + micro]
-            positions = range(offset + start, offset + start + len(chunk))
-            if mode == "eval":
-                generator = [self._generator("eval", batch_index, p, step=0) for p in positions]
-            else:
-                generator = [self._generator("sample", p) for p in positions]
-            if args.same_latent and mode == "train":
-                noise_generator = [self._generator("group", p // self.num_generations) for p in positions]
-            else:
-                noise_generator = generator
-            noise = self.adapter.prepare_latents(
-                len(chunk), args.resolution, args.resolution, noise_generator
-            )
-            rollouts.append(
-                sample_trajectories(
-                    self.adapter,
-                    embeddings,
-                    chunk,
-                    noise,
-                    sigmas,
-                    timesteps,
-                    sde_steps=window,
-                    guidance_scale=args.guidance_scale,
-                    noise_level=noise_level,
-                    sde_type=sde_type,
-                    generator=generator,
-                    transformer=transformer,
-                    record_means=record_means,
-                    record_uncond=record_uncond,
+        with torch.no_grad(), self._fused_lora(transformer):
+            for start in range(0, len(rows), micro):
+                chunk = rows[start : start + micro]
+                positions = range(offset + start, offset + start + len(chunk))
+                if mode == "eval":
+                    generator = [self._generator("eval", batch_index, p, step=0) for p in positions]
+                else:
+                    generator = [self._generator("sample", p) for p in positions]
+                if args.same_latent and mode == "train":
+                    noise_generator = [self._generator("group", p // self.num_generations) for p in positions]
+                else:
+                    noise_generator = generator
+                noise = self.adapter.prepare_latents(
+                    len(chunk), args.resolution, args.resolution, noise_generator
                 )
-            )
+                rollouts.append(
+                    sample_trajectories(
+                        self.adapter,
+                        embeddings,
+                        chunk,
+                        noise,
+                        sigmas,
+                        timesteps,
+                        sde_steps=window,
+                        guidance_scale=args.guidance_scale,
+                        noise_level=noise_level,
+                        sde_type=sde_type,
+                        generator=generator,
+                        transformer=transformer,
+                        record_means=record_means,
+                        record_uncond=record_uncond,
+                    )
+                )
         transformer.train(was_training)
         return rollouts
+
+    def _fused_lora(self, transformer) -> contextlib.AbstractContextManager:
+        """No-grad policy forwards with the LoRA fused into the weights (``fuse_lora_for_sampling``)."""
+        from trl_intrinsic.flow.weights import fused_lora
+
+        return fused_lora(transformer) if self.args.fuse_lora_for_sampling else contextlib.nullcontext()
 
     def _score(
         self,
@@ -874,7 +891,8 @@ class FlowTrainerBase(_BaseTrainer):
             conditioned on the prompt of image ``call_rows[i]`` of the reward call. No guidance, no grad."""
             sigma = torch.as_tensor(sigma, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
             call_rows = torch.as_tensor(call_rows, device=rows.device, dtype=torch.long)
-            with self._reference_model() if reference else contextlib.nullcontext() as module:
+            policy = self.accelerator.unwrap_model(self.model)
+            with self._reference_model() if reference else self._fused_lora(policy) as module:
                 return self.adapter.predict_velocity(
                     x_t,
                     self.adapter.timestep_from_sigma(sigma),
