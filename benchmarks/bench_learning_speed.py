@@ -77,7 +77,8 @@ class Measure(TrainerCallback):
 
     def measure(self, step: int) -> None:
         started = time.process_time()
-        correct = correctness(self.trainer.pipeline, self.prompt, self.metadata, self.num_samples)
+        with self.trainer._ema_weights():  # with `ema`, the weights evaluate() and save_model() use
+            correct = correctness(self.trainer.pipeline, self.prompt, self.metadata, self.num_samples)
         point = {"step": step, "accuracy": float(correct.mean()), "correct": correct.astype(int).tolist()}
         if self.recorder is not None:
             point["reward"] = self.recorder.measure(self.trainer)
