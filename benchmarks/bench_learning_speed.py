@@ -5,7 +5,7 @@
 
 Each run post-trains the shipped toy SD3 pipeline on a single prompt with the verifier reward, starting
 from the method's toy demo config (``examples/configs/toy_flow_grpo.yaml`` /
-``toy_diffusion_nft.yaml``), until its training has used ``--cpu-minutes`` of process CPU time
+``toy_diffusion_nft.yaml``; ``--config flow_grpo=toy_solace.yaml`` picks another), until its training has used ``--cpu-minutes`` of process CPU time
 (``time.process_time``: all threads, robust to other load on the machine; evaluation time excluded).
 Every ``--eval-every`` optimizer steps it measures accuracy on the same ``--eval-samples`` samples:
 the deterministic sampler of the toy model (10 steps, CFG 4.5) from fixed evaluation seeds
@@ -42,7 +42,8 @@ VERIFIER = "verifier_reward_partial"
 METHODS = {"flow_grpo": "toy_flow_grpo.yaml", "diffusion_nft": "toy_diffusion_nft.yaml"}
 # Keys of the demo YAML that are script options, not trainer fields.
 SCRIPT_KEYS = {"dataset_name", "num_train_prompts", "reward_funcs", "toy_eval_prompts_per_tag", "use_peft",
-               "lora_r", "lora_alpha", "lora_dropout", "toy_eval_steps", "toy_eval_reward_prompts"}  # fmt: skip
+               "lora_r", "lora_alpha", "lora_dropout", "toy_eval_steps", "toy_eval_reward_prompts",
+               "solace_num_probes"}  # fmt: skip
 
 
 @torch.no_grad()
@@ -152,7 +153,8 @@ def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
     from trl_intrinsic.rewards import reward_by_name
     from trl_intrinsic.toyworld import load_toy_pipeline
 
-    values = yaml.safe_load((CONFIGS / METHODS[method]).read_text())
+    configs = dict(METHODS, **dict(item.split("=", 1) for item in args.config))
+    values = yaml.safe_load((CONFIGS / configs[method]).read_text())
     lora = LoraConfig(r=values["lora_r"], lora_alpha=values["lora_alpha"], lora_dropout=0.0)
     values = {k: v for k, v in values.items() if k not in SCRIPT_KEYS}
     values.update(
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        help="method=file: start that method from another YAML of examples/configs, e.g. flow_grpo=toy_solace.yaml",
+    )
     parser.add_argument(
         "--reward", default=VERIFIER, help="the trained reward (a name in trl_intrinsic.rewards)"
     )
