@@ -57,11 +57,16 @@ TARGET_SPEEDUP = 1.5
 TARGET_FLOOR_MULTIPLE = 1.3
 KNOWN_DIFFERENCES = {
     "flowgrpo": [
-        "CFG in training: ours back-propagates through both halves (`cfg_uncond_gradient=True`, the default); "
-        "the official script detaches the unconditional half. Same forwards; the backward runs through the "
-        "whole batched forward either way.",
-        "EMA of the LoRA weights: the official script keeps one (decay 0.9, every 8 steps); FlowGRPOTrainer has "
-        "none (254k parameters, a negligible cost).",
+        "CFG in training: both detach the unconditional half (ours: `cfg_uncond_gradient=False`, the default). "
+        "Ours runs that half in its own no-grad forward, and until the epoch's first optimizer step reuses the "
+        "unconditional velocity recorded while sampling, so its backward covers the 8 conditional rows of a "
+        "trained step where the official script's covers the 16 rows of its batched forward (the grad and "
+        "no-grad row counts above). Same numbers.",
+        "EMA of the LoRA weights: the official script keeps one (decay 0.9, every 8 steps); ours has the same "
+        "option (`ema=True`), off by default and here (254k parameters, a negligible cost).",
+        "No-grad policy forwards (sampling, SOLACE's probes): ours fuses the LoRA into temporary copies of the "
+        "weights (`fuse_lora_for_sampling=True`, the default); the official script runs the adapters. Same "
+        "numbers up to float rounding.",
         "Text encoding: ours encodes each unique prompt once per epoch; the official script encodes every image's "
         "prompt (not transformer work).",
     ],
@@ -73,7 +78,7 @@ KNOWN_DIFFERENCES = {
         "is 16 images. Same forwards; different reward values.",
         "SOLACE probes: ours shares the K probes within a prompt group (the paper); the authors draw them per "
         "image. Same forwards.",
-        "CFG in training and EMA: as for Flow-GRPO.",
+        "CFG in training, EMA and fused LoRA: as for Flow-GRPO.",
     ],
 }
 
