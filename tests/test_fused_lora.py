@@ -35,7 +35,9 @@ def _inputs(transformer, rows=3):
 
 def _base_weights(transformer):
     return {
-        name: param for name, param in transformer.named_parameters() if "base_layer" in name and "weight" in name
+        name: param
+        for name, param in transformer.named_parameters()
+        if "base_layer" in name and "weight" in name
     }
 
 
@@ -72,17 +74,70 @@ def test_fused_lora_restores_the_weights_when_the_block_raises():
     assert not any(m.disable_adapters for m in transformer.modules() if hasattr(m, "lora_A"))
 
 
+def test_fused_lora_keeps_requires_grad_and_sums_only_the_active_adapters():
+    transformer = _transformer()
+    # A second adapter, inactive, on to_q (beside "default") and to_out.0 (alone): to_q sums "default" only,
+    # to_out.0 has no active adapter and keeps its base weight.
+    style = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_out.0"])
+    transformer.add_adapter(style, adapter_name="style")
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B.style" in name:
+                param.fill_(0.5)
+    transformer.set_adapter("default")
+    frozen = next(p for n, p in transformer.named_parameters() if "lora_A.default" in n)
+    frozen.requires_grad_(False)  # a user freezes one matrix
+    flags = {n: p.requires_grad for n, p in transformer.named_parameters()}
+    inputs = _inputs(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with fused_lora(transformer):
+            fused = transformer(**inputs).sample
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert {n: p.requires_grad for n, p in transformer.named_parameters()} == flags
+
+
+def test_the_trainer_samples_and_probes_through_the_fused_weights(tmp_path):
+    # A hook on every lora_A counts the adapter matmuls: fused rollouts and velocity_fn calls run none.
+    counter = {"all": 0, "velocity_fn": 0}
+
+    def count(*args):
+        counter["all"] += 1
+
+    def probing(prompts, images, velocity_fn=None, latents=None, **kwargs):
+        before = counter["all"]
+        velocity_fn(latents, torch.full((latents.shape[0],), 0.5), torch.arange(latents.shape[0]))
+        counter["velocity_fn"] += counter["all"] - before
+        return [0.0] * len(prompts)
+
+    counts = {}
+    for fuse in (True, False):
+        trainer = _trainer(tmp_path, fuse, reward=probing)
+        for name, module in trainer.model.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_hook(count)
+        counter.update(all=0, velocity_fn=0)
+        trainer.evaluate(Dataset.from_dict({"prompt": ["a red circle", "two blue squares"]}))
+        counts[fuse] = (counter["all"], counter["velocity_fn"])
+    assert counts[True] == (0, 0)
+    assert counts[False][0] > counts[False][1] > 0
+
+
 @pytest.mark.parametrize(
-    "case", ["grad enabled", "dora", "dropout while training", "adapters disabled", "no lora"]
+    "case",
+    ["grad enabled", "dora", "lora bias", "dropout while training", "adapters disabled", "zero-3", "no lora"],
 )
 def test_fused_lora_leaves_the_adapters_alone_when_fusing_would_change_the_numbers(case):
     transformer = {
         "dora": lambda: _transformer(use_dora=True),
+        "lora bias": lambda: _transformer(lora_bias=True, init_lora_weights=True),
         "dropout while training": lambda: _transformer(lora_dropout=0.5).train(),
         "no lora": lambda: tiny_sd3_pipeline().transformer,
     }.get(case, _transformer)()
     if case == "adapters disabled":
         transformer.disable_adapters()
+    if case == "zero-3":  # DeepSpeed marks the parameters it partitions (their .data is a placeholder)
+        next(iter(_base_weights(transformer).values())).ds_id = 0
     before = {name: param.detach().clone() for name, param in transformer.named_parameters()}
     grad = torch.enable_grad() if case == "grad enabled" else torch.no_grad()
     with grad, fused_lora(transformer):
@@ -90,7 +145,7 @@ def test_fused_lora_leaves_the_adapters_alone_when_fusing_would_change_the_numbe
             assert torch.equal(param, before[name]), name  # nothing fused
 
 
-def _trainer(tmp_path, fuse, **overrides):
+def _trainer(tmp_path, fuse, reward=None, **overrides):
     values = dict(
         output_dir=str(tmp_path / f"out-{fuse}"), use_cpu=True, bf16=False, report_to="none", seed=0,
         per_device_train_batch_size=4, num_generations=2, max_steps=2, resolution=32, num_inference_steps=4,
@@ -104,7 +159,7 @@ def _trainer(tmp_path, fuse, **overrides):
 
     return FlowGRPOTrainer(
         tiny_sd3_pipeline(),
-        [brightness],
+        [reward or brightness],
         args=FlowGRPOConfig(**values),
         train_dataset=Dataset.from_dict({"prompt": ["a red circle", "two blue squares"]}),
         peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", lora_dropout=0.0),
@@ -126,6 +181,8 @@ def test_training_with_fused_sampling_matches_unfused_sampling(tmp_path, record_
     for fused_log, plain_log in zip(fused_history, plain_history):
         np.testing.assert_allclose(fused_log["ratio"], 1.0, atol=1e-5)
         np.testing.assert_allclose(fused_log["reward"], plain_log["reward"], atol=1e-5)
-    assert max(w.abs().max() for n, w in fused_weights.items() if "lora_B" in n) > 1e-3  # the 2nd step sampled trained LoRA
+    assert (
+        max(w.abs().max() for n, w in fused_weights.items() if "lora_B" in n) > 1e-3
+    )  # the 2nd step sampled trained LoRA
     for name, value in fused_weights.items():
         torch.testing.assert_close(value, plain_weights[name], rtol=1e-4, atol=1e-5)

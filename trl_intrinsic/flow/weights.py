@@ -117,25 +117,41 @@ def prepare_transformer(
     return transformer, reference
 
 
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a shard or placeholder of a parameter an engine gathers itself (DeepSpeed ZeRO-3,
+    FSDP2's DTensor): such a ``.data`` is not the weight the forward uses."""
+    from torch.distributed.tensor import DTensor
+
+    return hasattr(weight, "ds_id") or isinstance(weight, DTensor) or isinstance(weight.data, DTensor)
+
+
 def _fusable_lora_layers(module: torch.nn.Module) -> list[Any] | None:
-    """The LoRA ``Linear`` layers of ``module`` with active, unmerged adapters, or ``None`` when a forward with
-    their deltas folded into the base weights would not compute what the adapters compute (DoRA, other layer
-    types, active dropout, adapters disabled or already merged)."""
+    """The LoRA ``Linear`` layers of ``module`` with an active adapter, or ``None`` when a forward with their
+    deltas folded into the base weights would not compute what the adapters compute: LoRA variants (DoRA, aLoRA,
+    …), a LoRA bias, other layer types, active dropout, adapters disabled or already merged, or weights that an
+    engine shards (ZeRO-3, FSDP)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
-    layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
+    layers = []
+    for layer in (m for m in module.modules() if isinstance(m, LoraLayer)):
         active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not active:  # no adapter of this layer is active: it already runs the base weight
+            continue
         dropout = [layer.lora_dropout[a] for a in active]
+        weight = layer.get_base_layer().weight
         if (
             not isinstance(layer, Linear)
             or layer.merged
             or layer.disable_adapters
-            or any(layer.use_dora.get(a, False) for a in active)
+            or any(a in layer.lora_variant or layer.use_dora.get(a, False) for a in active)
+            or any(layer.lora_bias.get(a, False) for a in active)
             or (layer.training and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in dropout))
+            or _is_sharded(weight)
+            or any(_is_sharded(layer.lora_A[a].weight) or _is_sharded(layer.lora_B[a].weight) for a in active)
         ):
             return None
+        layers.append(layer)
     return layers
 
 
@@ -145,31 +161,42 @@ def fused_lora(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Inside the block, each LoRA ``Linear`` computes ``(W + ΔW) x`` with one matmul instead of
     ``W x + s·B(A x)``: the cost of a forward of the base model, and the same outputs up to float rounding.
-    ``W + ΔW`` (``ΔW = s·B A``) is a temporary copy of each targeted weight (memory: one copy of the targeted
-    weights), and the original weight tensors are put back on exit, bit for bit; fusing in place and
-    unfusing (``peft``'s ``merge_adapter``) would let rounding drift the frozen base weights over a run.
+    ``W + ΔW`` (``ΔW = s·B A``, summed over the active adapters) is a temporary copy of each targeted weight
+    (memory: one copy of the targeted weights), and the original weight tensors are put back on exit, bit for
+    bit, with every adapter parameter's ``requires_grad`` as it was; fusing in place and unfusing (``peft``'s
+    ``merge_adapter``) would let rounding drift the frozen base weights over a run.
 
     Does nothing (the adapters run as usual) when gradients are enabled, when ``module`` has no LoRA layer,
-    or when fusing would change the numbers beyond rounding (DoRA, LoRA dropout in training mode, adapters
-    already disabled or merged, layer types other than ``Linear``).
+    or when fusing would change the numbers beyond rounding (LoRA variants such as DoRA, a LoRA bias, LoRA
+    dropout in training mode, adapters already disabled or merged, layer types other than ``Linear``) or
+    would not reach the weights the forward uses (DeepSpeed ZeRO-3 or FSDP shards).
     """
     layers = None if torch.is_grad_enabled() else _fusable_lora_layers(module)
     if not layers:
         yield module
         return
-    originals = []
+    flags = [(p, p.requires_grad) for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
+    fused = []
     try:
         for layer in layers:
             weight = layer.get_base_layer().weight
             delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            originals.append((weight, weight.data))
+            if delta.shape != weight.shape:
+                raise RuntimeError(
+                    f"LoRA delta of shape {tuple(delta.shape)} for a weight of {tuple(weight.shape)}"
+                )
+            fused.append((layer, weight, weight.data))
             weight.data = weight.data + delta.to(weight.dtype)
             layer.enable_adapters(False)
         yield module
     finally:
-        for layer, (weight, data) in zip(layers, originals):
+        for layer, weight, data in reversed(
+            fused
+        ):  # reverse order: a weight shared by two layers ends as it began
             weight.data = data
             layer.enable_adapters(True)
+        for param, requires_grad in flags:
+            param.requires_grad_(requires_grad)
 
 
 def save_transformer_weights(
