@@ -85,7 +85,7 @@ class Measure(TrainerCallback):
             point["reward"] = self.recorder.measure(self.trainer)
         self.eval_cpu += time.process_time() - started
         self.curve.append({"cpu_s": self.training_cpu(), **point})
-        shown = f"  trained reward {np.mean(point['reward']):.4f}" if "reward" in point else ""
+        shown = f"  trained reward {np.nanmean(point['reward']):.4f}" if "reward" in point else ""
         print(
             f"  step {step:3d}  cpu {self.curve[-1]['cpu_s']:7.1f} s  accuracy {correct.mean():.3f}{shown}",
             flush=True,
@@ -155,6 +155,10 @@ def run(method: str, seed: int, prompt: str, metadata: dict, args) -> dict:
 
     configs = dict(METHODS, **dict(item.split("=", 1) for item in args.config))
     values = yaml.safe_load((CONFIGS / configs[method]).read_text())
+    if args.reward not in values.get("reward_funcs", [args.reward]):
+        print(
+            f"  note: {configs[method]} trains {values['reward_funcs']}; this run trains {args.reward} (--reward)"
+        )
     lora = LoraConfig(r=values["lora_r"], lora_alpha=values["lora_alpha"], lora_dropout=0.0)
     values = {k: v for k, v in values.items() if k not in SCRIPT_KEYS}
     values.update(
@@ -199,7 +203,13 @@ def at_cpu(curve: list[dict], cpu_s: float | None) -> dict:
 
 def summarise(runs: list[dict], budget_s: float, key: str = "correct") -> str:
     """Accuracy (``key="correct"``) or the trained reward (``key="reward"``) at a quarter, half and all of the
-    CPU budget, per method."""
+    CPU budget, per method.
+
+    Each run's change is paired with its own first measurement (the trainer's evaluation noise follows the
+    training seed), per evaluation sample, then averaged over the runs. The SE treats the accuracy samples
+    (independent seeds) as independent, and the trained-reward samples in their prompt groups of
+    ``num_generations`` (they share noise probes) as clusters.
+    """
     name = "accuracy" if key == "correct" else "trained reward"
     lines = [
         f"| method | seeds | training CPU min (mean) | {name} (mean over seeds) | change vs base ± paired SE | SD over seeds |",
@@ -207,17 +217,23 @@ def summarise(runs: list[dict], budget_s: float, key: str = "correct") -> str:
     ]
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
-        base = np.asarray(mine[0]["curve"][0][key], dtype=float)  # every run of a method starts from it
+        cluster = mine[0].get("config", {}).get("num_generations", 1) if key == "reward" else 1
         for cpu_s in (0.25 * budget_s, 0.5 * budget_s, None):
             points = [at_cpu(r["curve"], cpu_s) for r in mine]
-            accuracy = np.asarray([np.mean(p[key]) for p in points])
-            # Paired per evaluation sample (the same seeds as the base measurement), averaged over training seeds.
-            diffs = np.mean([np.asarray(p[key], dtype=float) - base for p in points], axis=0)
-            se = diffs.std(ddof=1) / math.sqrt(len(diffs))
-            spread = accuracy.std(ddof=1) if len(mine) > 1 else float("nan")
+            values = np.asarray([np.nanmean(p[key]) for p in points])
+            diffs = np.mean(
+                [
+                    np.asarray(p[key], dtype=float) - np.asarray(r["curve"][0][key], dtype=float)
+                    for p, r in zip(points, mine)
+                ],
+                axis=0,
+            )
+            units = diffs.reshape(-1, cluster).mean(axis=1) if len(diffs) % cluster == 0 else diffs
+            se = np.nanstd(units, ddof=1) / math.sqrt(len(units))
+            spread = values.std(ddof=1) if len(mine) > 1 else float("nan")
             cpu = np.mean([p["cpu_s"] for p in points]) / 60
             lines.append(
-                f"| {method} | {len(mine)} | {cpu:.2f} | {accuracy.mean():.3f} | {diffs.mean():+.3f} ± {se:.3f} | "
+                f"| {method} | {len(mine)} | {cpu:.2f} | {values.mean():.3f} | {np.nanmean(diffs):+.3f} ± {se:.3f} | "
                 f"{spread:.3f} |"
             )
     return "\n".join(lines)
@@ -256,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "learning_speed"))
     parser.add_argument("--merge", nargs="+", help="only summarise these result JSON files into --output")
     args = parser.parse_args(argv)
+    for item in args.config:
+        method, sep, _ = item.partition("=")
+        if not sep or method not in METHODS:
+            parser.error(f"--config {item!r}: expected method=file with a method from {list(METHODS)}")
     if args.merge:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
         result = {**parts[0], "command": [part["command"] for part in parts],

@@ -74,6 +74,21 @@ def test_learning_speed_overrides_read_numbers_as_numbers():
     assert bench.parse_value("[0, 5]") == [0, 5] and bench.parse_value("cosine") == "cosine"
 
 
+def test_learning_speed_pairs_each_run_with_its_own_start_and_clusters_reward_groups():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_learning_speed as bench
+
+    def run(seed, start, end):
+        curve = [{"step": 0, "cpu_s": 0.0, "reward": start}, {"step": 5, "cpu_s": 60.0, "reward": end}]
+        return {"method": "m", "seed": seed, "config": {"num_generations": 2}, "curve": curve}
+
+    # Two seeds whose evaluation noise differs (different starts); per-run changes [1, 1, 2, 2] and [0, 2, 1, 3].
+    runs = [run(0, [0, 0, 1, 1], [1, 1, 3, 3]), run(1, [5, 5, 5, 5], [5, 7, 6, 8])]
+    last = bench.summarise(runs, budget_s=60.0, key="reward").splitlines()[-1]
+    # Changes averaged over seeds [0.5, 1.5, 1.5, 2.5] (mean 1.5); groups of 2 → [1, 2], SE = sd([1, 2]) / √2 = 0.5; seed means 2 and 6.5, SD 3.182.
+    assert last == "| m | 2 | 1.00 | 4.250 | +1.500 ± 0.500 | 3.182 |"
+
+
 def test_learning_speed_records_the_trained_reward_with_fixed_draws_only_while_measuring():
     sys.path.insert(0, str(BENCHMARKS))
     import bench_learning_speed as bench
