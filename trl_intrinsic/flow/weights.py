@@ -190,9 +190,8 @@ def fused_lora(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             layer.enable_adapters(False)
         yield module
     finally:
-        for layer, weight, data in reversed(
-            fused
-        ):  # reverse order: a weight shared by two layers ends as it began
+        # In reverse order, so that a weight shared by two layers ends as it began.
+        for layer, weight, data in reversed(fused):
             weight.data = data
             layer.enable_adapters(True)
         for param, requires_grad in flags:

@@ -900,7 +900,7 @@ class FlowTrainerBase(_BaseTrainer):
                     rows[call_rows],
                     guidance_scale=self.args.guidance_scale,
                     conditional=True,
-                    transformer=module or self.accelerator.unwrap_model(self.model),
+                    transformer=module or policy,
                 )
 
         return velocity_fn
