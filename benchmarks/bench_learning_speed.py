@@ -5,7 +5,8 @@
 
 Each run post-trains the shipped toy SD3 pipeline on a single prompt with the verifier reward, starting
 from the method's toy demo config (``examples/configs/toy_flow_grpo.yaml`` /
-``toy_diffusion_nft.yaml``; ``--config flow_grpo=toy_solace.yaml`` picks another), until its training has used ``--cpu-minutes`` of process CPU time
+``toy_diffusion_nft.yaml``; ``--config flow_grpo=toy_solace.yaml`` picks another), until its training has
+used ``--cpu-minutes`` of process CPU time
 (``time.process_time``: all threads, robust to other load on the machine; evaluation time excluded).
 Every ``--eval-every`` optimizer steps it measures accuracy on the same ``--eval-samples`` samples:
 the deterministic sampler of the toy model (10 steps, CFG 4.5) from fixed evaluation seeds
