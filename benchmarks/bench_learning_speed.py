@@ -240,6 +240,44 @@ def summarise(runs: list[dict], budget_s: float, key: str = "correct") -> str:
     return "\n".join(lines)
 
 
+def time_to_reach(runs: list[dict], thresholds: list[float]) -> str:
+    """Training CPU minutes until each run's accuracy is first measured at or above each threshold, per method.
+
+    A first passage on a noisy curve comes early (one lucky measurement suffices), equally for every method
+    measured at the same spacing; a run that never reaches a threshold counts as its whole budget and is marked
+    with ">". The ratio divides the first method's mean by each other method's (above 1: the other is faster); it
+    is a bound (">" or "<") when one of the two means is, and unknown ("–") when both are.
+    """
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    lines = [
+        "| threshold | method | seeds | CPU min to reach, per seed | mean | ratio to " + methods[0] + " |",
+        "|---:|---|---:|---|---:|---:|",
+    ]
+    for threshold in thresholds:
+        means, bounded = {}, {}
+        for method in methods:
+            times = []  # (CPU minutes, reached?)
+            for r in (r for r in runs if r["method"] == method):
+                hit = next((p for p in r["curve"] if np.mean(p["correct"]) >= threshold - 1e-12), None)
+                times.append(((hit or r["curve"][-1])["cpu_s"] / 60, hit is not None))
+            means[method] = float(np.mean([minutes for minutes, _ in times]))
+            per_seed = ", ".join(f"{'' if reached else '>'}{minutes:.1f}" for minutes, reached in times)
+            bounded[method] = not all(reached for _, reached in times)
+            first = methods[0]
+            if method == first:
+                ratio = "1.00"
+            elif bounded[first] and bounded[method]:
+                ratio = "–"
+            else:
+                sign = ">" if bounded[first] else "<" if bounded[method] else ""
+                ratio = f"{sign}{means[first] / means[method]:.2f}"
+            lines.append(
+                f"| {threshold:.2f} | {method} | {len(times)} | {per_seed} | {'>' if bounded[method] else ''}"
+                f"{means[method]:.2f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -270,6 +308,14 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="method.field=value overrides, e.g. diffusion_nft.learning_rate=1e-3",
     )
+    parser.add_argument(
+        "--reach",
+        nargs="*",
+        type=float,
+        default=[],
+        help="accuracy thresholds, e.g. 0.7 0.8: also report the training CPU minutes each run needs to first "
+        "reach them",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "learning_speed"))
     parser.add_argument("--merge", nargs="+", help="only summarise these result JSON files into --output")
     args = parser.parse_args(argv)
@@ -279,9 +325,14 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--config {item!r}: expected method=file with a method from {list(METHODS)}")
     if args.merge:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
-        result = {**parts[0], "command": [part["command"] for part in parts],
+        commands = [
+            c
+            for part in parts
+            for c in (part["command"] if isinstance(part["command"], list) else [part["command"]])
+        ]
+        result = {**parts[0], "command": commands,
                   "runs": [run for part in parts for run in part["runs"]]}  # fmt: skip
-        return write(result, args.output, args.cpu_minutes)
+        return write(result, args.output, args.cpu_minutes, args.reach)
     torch.set_num_threads(args.threads)
     from trl_intrinsic.toyworld import TAGS, prompt_space
 
@@ -301,11 +352,17 @@ def main(argv: list[str] | None = None) -> dict:
               "eval_seeds": f"{EVAL_SEED_OFFSET}..{EVAL_SEED_OFFSET + args.eval_samples - 1}",
               "command": "python benchmarks/bench_learning_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": runs}  # fmt: skip
-    return write(result, args.output, args.cpu_minutes)
+    return write(result, args.output, args.cpu_minutes, args.reach)
 
 
-def write(result: dict, output: str, cpu_minutes: float) -> dict:
+def write(result: dict, output: str, cpu_minutes: float, reach: list[float] | None = None) -> dict:
     table = summarise(result["runs"], cpu_minutes * 60)
+    if reach:
+        table += (
+            "\n\nTraining CPU time until the accuracy is first measured at or above a threshold (each measurement "
+            f"has a binomial SE of about {0.5 / math.sqrt(len(result['runs'][0]['curve'][0]['correct'])):.2f}):\n\n"
+            + time_to_reach(result["runs"], reach)
+        )
     if "reward" in result["runs"][0]["curve"][0]:
         samples = len(result["runs"][0]["curve"][0]["reward"])
         table += (

@@ -89,6 +89,30 @@ def test_learning_speed_pairs_each_run_with_its_own_start_and_clusters_reward_gr
     assert last == "| m | 2 | 1.00 | 4.250 | +1.500 ± 0.500 | 3.182 |"
 
 
+def test_learning_speed_time_to_reach_marks_runs_that_never_reach_and_bounds_their_ratio():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_learning_speed as bench
+
+    def run(method, accuracies, minutes):
+        curve = [{"cpu_s": 60.0 * m, "correct": [1] * round(4 * a) + [0] * (4 - round(4 * a))}
+                 for a, m in zip(accuracies, minutes)]  # fmt: skip
+        return {"method": method, "seed": 0, "curve": curve}
+
+    runs = [
+        run("slow", [0.25, 0.5, 0.75], [0, 2, 4]),
+        run("slow", [0.25, 0.5, 0.5], [0, 2, 4]),  # never reaches 0.75: counts as its 4 minutes, as a bound
+        run("fast", [0.25, 0.75, 1.0], [0, 1, 2]),
+        run("fast", [0.25, 1.0, 1.0], [0, 1, 2]),
+    ]
+    rows = bench.time_to_reach(runs, [0.5, 0.75]).splitlines()[2:]
+    assert rows == [
+        "| 0.50 | slow | 2 | 2.0, 2.0 | 2.00 | 1.00 |",
+        "| 0.50 | fast | 2 | 1.0, 1.0 | 1.00 | 2.00 |",
+        "| 0.75 | slow | 2 | 4.0, >4.0 | >4.00 | 1.00 |",
+        "| 0.75 | fast | 2 | 1.0, 1.0 | 1.00 | >4.00 |",
+    ]
+
+
 def test_learning_speed_records_the_trained_reward_with_fixed_draws_only_while_measuring():
     sys.path.insert(0, str(BENCHMARKS))
     import bench_learning_speed as bench
