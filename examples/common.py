@@ -395,6 +395,8 @@ class ToyReport(ABC):
                 if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))
             }
         )
+        if "reward" in keys and len(keys) == 2:
+            keys.remove("reward")  # one reward: the total is its curve, drawn once under its name
         curves = {
             key.removeprefix("rewards/").removesuffix("/mean"): [
                 (h["step"], h[key]) for h in history if h.get(key) is not None
