@@ -386,23 +386,7 @@ class ToyReport(ABC):
         if not self.trainer.accelerator.is_main_process:
             return
         out = Path(self.trainer.args.output_dir)
-        history = self.trainer.state.log_history
-        keys = sorted(
-            {
-                k
-                for h in history
-                for k in h
-                if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))
-            }
-        )
-        if "reward" in keys and len(keys) == 2:
-            keys.remove("reward")  # one reward: the total is its curve, drawn once under its name
-        curves = {
-            key.removeprefix("rewards/").removesuffix("/mean"): [
-                (h["step"], h[key]) for h in history if h.get(key) is not None
-            ]
-            for key in keys
-        }
+        curves = training_reward_curves(self.trainer.state.log_history)
         for key in sorted({k for _, result, _ in self.curve for k in result.get("rewards", {})}):
             points = [(step, r["rewards"][key]) for step, r, _ in self.curve if key in r.get("rewards", {})]
             curves[f"{key}, fixed prompts"] = points
@@ -454,6 +438,23 @@ class ToyReport(ABC):
             f"wrote {out / 'reward_curve.png'}, {out / 'accuracy_curve.png'}, {out / 'before_after.png'} and the "
             f"LoRA adapter in {out}"
         )
+
+
+def training_reward_curves(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """``{name: [(step, mean reward of the step's rollouts)]}`` from a Trainer's ``log_history``: the total
+    (``"reward"``) and each reward function's mean; with a single reward function the total is the same curve and
+    is left out."""
+    keys = sorted(
+        {k for h in history for k in h if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))}
+    )
+    if "reward" in keys and len(keys) == 2:
+        keys.remove("reward")
+    return {
+        key.removeprefix("rewards/").removesuffix("/mean"): [
+            (h["step"], h[key]) for h in history if h.get(key) is not None
+        ]
+        for key in keys
+    }
 
 
 NOISE_FLOOR_HINT = "--toy_noise_floor_seeds 5 measures it; examples/evaluate.py does by default"

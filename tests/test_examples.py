@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from common import ScriptArguments  # noqa: E402
+from common import ScriptArguments, training_reward_curves  # noqa: E402
 from train_solace import SolaceArguments, SolaceScriptArguments  # noqa: E402
 
 
@@ -97,6 +97,14 @@ def test_example_trains_a_local_pipeline(tmp_path, script):
     markdown = (report / "toy_accuracy.md").read_text()
     assert "| overall |" in markdown and "paired SE" in markdown and "noise floor: SD" in markdown
     assert "adapter − base, overall:" in result.stdout
+
+
+def test_training_reward_curves_draw_a_single_reward_once():
+    single = [{"step": 1, "reward": 0.5, "rewards/solace_reward/mean": 0.5}, {"step": 1, "loss": 0.1},
+              {"step": 2, "reward": 0.7, "rewards/solace_reward/mean": 0.7}]  # fmt: skip
+    assert training_reward_curves(single) == {"solace_reward": [(1, 0.5), (2, 0.7)]}
+    hybrid = [{"step": 1, "reward": 1.0, "rewards/a/mean": 0.2, "rewards/b/mean": 0.8}]
+    assert training_reward_curves(hybrid) == {"a": [(1, 0.2)], "b": [(1, 0.8)], "reward": [(1, 1.0)]}
 
 
 @pytest.mark.slow
