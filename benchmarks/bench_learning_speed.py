@@ -249,8 +249,9 @@ def time_to_reach(runs: list[dict], thresholds: list[float]) -> str:
     is a bound (">" or "<") when one of the two means is, and unknown ("–") when both are.
     """
     methods = list(dict.fromkeys(r["method"] for r in runs))
+    first = methods[0]
     lines = [
-        "| threshold | method | seeds | CPU min to reach, per seed | mean | ratio to " + methods[0] + " |",
+        "| threshold | method | seeds | CPU min to reach, per seed | mean | ratio to " + first + " |",
         "|---:|---|---:|---|---:|---:|",
     ]
     for threshold in thresholds:
@@ -263,7 +264,6 @@ def time_to_reach(runs: list[dict], thresholds: list[float]) -> str:
             means[method] = float(np.mean([minutes for minutes, _ in times]))
             per_seed = ", ".join(f"{'' if reached else '>'}{minutes:.1f}" for minutes, reached in times)
             bounded[method] = not all(reached for _, reached in times)
-            first = methods[0]
             if method == first:
                 ratio = "1.00"
             elif bounded[first] and bounded[method]:

@@ -378,8 +378,8 @@ class ImageReward(_ImageScorer):
 
     Args:
         checkpoint: safetensors state dict of ``ImageReward.ImageReward`` (file, directory or hub
-            repository; convert the official ``ImageReward.pt`` once with ``torch.load(path,
-            weights_only=True)`` and ``safetensors.torch.save_file``).
+            repository; convert the official ``ImageReward.pt`` once with
+            ``torch.load(path, weights_only=True)`` and ``safetensors.torch.save_file``).
         med_config: the BLIP ``med_config.json`` (file, directory or hub repository).
     """
 
