@@ -181,10 +181,6 @@ def fused_lora(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for layer in layers:
             weight = layer.get_base_layer().weight
             delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            if delta.shape != weight.shape:
-                raise RuntimeError(
-                    f"LoRA delta of shape {tuple(delta.shape)} for a weight of {tuple(weight.shape)}"
-                )
             fused.append((layer, weight, weight.data))
             weight.data = weight.data + delta.to(weight.dtype)
             layer.enable_adapters(False)
