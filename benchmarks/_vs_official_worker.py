@@ -211,9 +211,16 @@ class EpochRecorder:
 
 
 def build_trainer(
-    work: Work, pipe: str, prompts: list[str], batch: int, output_dir: str, recorder: EpochRecorder
+    work: Work,
+    pipe: str,
+    prompts: list[str],
+    batch: int,
+    output_dir: str,
+    recorder: EpochRecorder,
+    torch_compile: bool = False,
 ):
-    """``FlowGRPOTrainer`` on ``work`` at ``batch`` images per micro-batch, observed by ``recorder``."""
+    """``FlowGRPOTrainer`` on ``work`` at ``batch`` images per micro-batch, observed by ``recorder``; with
+    ``torch_compile``, the transformer compiled (inductor)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -236,7 +243,7 @@ def build_trainer(
         beta=work.beta, epsilon=1e-4, adv_clip_max=5.0, scale_rewards="batch",
         learning_rate=3e-4, lr_scheduler_type="constant", optim="adamw_torch", weight_decay=1e-4,
         max_grad_norm=1.0, save_strategy="no", logging_steps=1, log_completions=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, torch_compile=torch_compile,
     )  # fmt: skip
     if solace:
         # the authors' reward: K antithetic probes, t(1-t) weights, per-step standardisation; our chunking
@@ -298,7 +305,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     profiler = None
     with tempfile.TemporaryDirectory(prefix="ours_") as output_dir:
         trainer, config, clock_limit = build_trainer(
-            work, args.pipe, prompts, args.batch, output_dir, recorder
+            work, args.pipe, prompts, args.batch, output_dir, recorder, args.compile
         )
         clock_limit["epochs"] = args.epochs
         if args.pyspy:
@@ -329,6 +336,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "status": status,
         "work": args.work,
         "batch": args.batch,
+        "compile": args.compile,
         "torch_threads": torch.get_num_threads(),
         "startup_s": round(startup_s, 3),
         "max_rss_mb": round(peak_rss_mb(), 1),
@@ -592,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--epochs", type=int, default=4, help="epochs to run; epoch 0 is warm-up")
             p.add_argument("--batch", type=int, default=8, help="images per sampling/training micro-batch")
             p.add_argument("--pyspy", default=None, help="record a py-spy profile of epochs ≥ 1 here")
+            p.add_argument("--compile", action="store_true", help="torch_compile=True (the transformer, inductor)")
         elif name == "floor":
             p.add_argument("--batches", type=int, nargs="+", default=[8], help="micro-batch sizes (images)")
             p.add_argument("--max-calls", type=int, default=None, help="timed calls per phase (default: all)")
