@@ -600,7 +600,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--epochs", type=int, default=4, help="epochs to run; epoch 0 is warm-up")
             p.add_argument("--batch", type=int, default=8, help="images per sampling/training micro-batch")
             p.add_argument("--pyspy", default=None, help="record a py-spy profile of epochs ≥ 1 here")
-            p.add_argument("--compile", action="store_true", help="torch_compile=True (the transformer, inductor)")
+            p.add_argument(
+                "--compile", action="store_true", help="torch_compile=True (the transformer, inductor)"
+            )
         elif name == "floor":
             p.add_argument("--batches", type=int, nargs="+", default=[8], help="micro-batch sizes (images)")
             p.add_argument("--max-calls", type=int, default=None, help="timed calls per phase (default: all)")

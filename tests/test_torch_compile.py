@@ -83,13 +83,17 @@ def test_torch_compile_runs_every_transformer_call_compiled_with_the_eager_numbe
     # The same training, up to float rounding, and the same saved adapter (no compile prefix in its keys).
     for name, param in eager.model.named_parameters():
         if "lora_" in name:
-            torch.testing.assert_close(dict(compiled.model.named_parameters())[name], param, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                dict(compiled.model.named_parameters())[name], param, rtol=1e-4, atol=1e-5
+            )
     assert any(
         (p.abs().max() > 0) for n, p in compiled.model.named_parameters() if "lora_B" in n
     )  # the adapter trained
     for trainer in (eager, compiled):
         trainer.save_model()
-    saved = [load_file(str(tmp_path / f"out-{b}" / "pytorch_lora_weights.safetensors")) for b in (None, "eager")]
+    saved = [
+        load_file(str(tmp_path / f"out-{b}" / "pytorch_lora_weights.safetensors")) for b in (None, "eager")
+    ]
     assert saved[0].keys() == saved[1].keys()
     for key in saved[0]:
         torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-4, atol=1e-5)

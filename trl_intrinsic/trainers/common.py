@@ -649,7 +649,8 @@ class FlowTrainerBase(_BaseTrainer):
         self.add_callback(_StopOnCollapse(self))
         self._trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         self._ema = self._init_ema() if args.ema else None
-        if args.torch_compile:  # in place, so that every call of the module runs compiled (not only `self.model`)
+        # In place, so that every call of the module runs compiled (rollouts, probes), not only `self.model`'s.
+        if args.torch_compile:
             for module in (self.accelerator.unwrap_model(self.model), self.ref_transformer):
                 if module is not None:
                     module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
