@@ -55,6 +55,12 @@ PHASES = ("sampling", "reward", "training", "other")
 FORWARD_PHASES = ("sample", "reward", "train_grad", "train_nograd")
 TARGET_SPEEDUP = 1.5
 TARGET_FLOOR_MULTIPLE = 1.3
+OURS_VARIANTS = {  # extra sides of ours (``--ours-variants``): same work, other settings
+    "b16": "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
+    "`gradient_accumulation_steps=1`)",
+    "compiled": "`torch_compile=True` (the transformer compiled in place, inductor)",
+    "b16_compiled": "both",
+}
 KNOWN_DIFFERENCES = {
     "flowgrpo": [
         "CFG in training: both detach the unconditional half (ours: `cfg_uncond_gradient=False`, the default). "
@@ -210,18 +216,25 @@ class Runner:
         if self._run([sys.executable, str(make_prompts), str(self.dataset)], self.scratch / "prompts.log"):
             sys.exit(f"bench_vs_official: make_prompts.py failed (see {self.scratch / 'prompts.log'})")
 
-    def ours(self, work: str, threads: int, tag: str, pyspy: Path | None = None) -> dict[str, Any]:
+    def ours(
+        self, work: str, threads: int, tag: str, pyspy: Path | None = None, variant: str = ""
+    ) -> dict[str, Any]:
+        """Our trainer; ``variant`` (see ``OURS_VARIANTS``) changes its batch or compiles the transformer."""
         out = self.scratch / f"{tag}.json"
+        batch = 16 if "b16" in variant else SHIPPED_BATCH
         argv = [
             sys.executable, str(WORKER), "ours", "--work", work, "--pipe", str(self.pipe),
             "--prompts", str(self.dataset / "train.txt"), "--threads", str(threads),
-            "--epochs", str(self.args.epochs), "--batch", str(SHIPPED_BATCH), "--out", str(out),
+            "--epochs", str(self.args.epochs), "--batch", str(batch), "--out", str(out),
         ]  # fmt: skip
+        if "compiled" in variant:
+            argv.append("--compile")
         if pyspy is not None:
             argv += ["--pyspy", str(pyspy)]
         result = self._worker(argv, out, tag)
         if result is None:
             return {"side": "ours", "status": f"failed (log {self.scratch / f'{tag}.log'})"}
+        result["warmup_s"] = result["epochs"][0]["wall_s"] if result["epochs"] else None
         result["epochs"] = result["epochs"][1:]
         return result
 
@@ -255,6 +268,8 @@ class Runner:
             "startup_s": timing.get("startup_s"), "max_rss_mb": timing.get("max_rss_mb"),
             "loadavg_start": [round(x, 2) for x in timing.get("loadavg_start", [])],
             "loadavg_end": [round(x, 2) for x in timing.get("loadavg_end", [])],
+            "warmup_s": next((e["wall_s"] for e in official_epochs(timing, first_epoch=0)[:1]), None)
+            if "0" in timing.get("epochs", {}) else None,
             "epochs": official_epochs(timing),
         }  # fmt: skip
 
@@ -289,14 +304,18 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def side_names(official_batches: list[int]) -> list[str]:
-    return ["ours", *(f"official_b{b}" for b in official_batches), "floor"]
+def side_names(official_batches: list[int], ours_variants: list[str] = ()) -> list[str]:
+    return ["ours", *(f"ours_{v}" for v in ours_variants), *(f"official_b{b}" for b in official_batches), "floor"]
+
+
+def is_ours(name: str) -> bool:
+    return name == "ours" or name.startswith("ours_")
 
 
 def run_pairs(runner: Runner, works: list[str], threads_list: list[int], pairs: int) -> list[dict[str, Any]]:
     """Every pair of every (work, threads) configuration; the order of the sides rotates from pair to pair."""
     runs = []
-    names = side_names(runner.args.official_batches)
+    names = side_names(runner.args.official_batches, runner.args.ours_variants)
     for threads in threads_list:
         for work in works:
             for pair in range(pairs):
@@ -304,8 +323,8 @@ def run_pairs(runner: Runner, works: list[str], threads_list: list[int], pairs: 
                 for name in order:
                     tag = f"{work}_t{threads}_p{pair}_{name}"
                     load = uptime()
-                    if name == "ours":
-                        result = runner.ours(work, threads, tag)
+                    if is_ours(name):
+                        result = runner.ours(work, threads, tag, variant=name.removeprefix("ours").strip("_"))
                     elif name == "floor":
                         result = runner.floor(work, threads, tag)
                     else:
@@ -359,6 +378,7 @@ def summarize_side(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         out[f"{phase}_cpu_s"] = _median([e.get(f"{phase}_cpu_s") for e in epochs])
     out["wall_min_s"] = min(e["wall_s"] for e in epochs)
     out["wall_max_s"] = max(e["wall_s"] for e in epochs)
+    out["warmup_s"] = _median([r.get("warmup_s") for r in runs])
     out["rss_mb"] = _median([r.get("max_rss_mb") for r in runs])
     out["rss_max_mb"] = max(r.get("max_rss_mb") or 0 for r in runs)
     out["forwards"] = _forward_signature(epochs)
@@ -475,14 +495,17 @@ def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
-def summarize(runs: list[dict[str, Any]], official_batches: list[int]) -> list[dict[str, Any]]:
-    """One summary per (work, threads): sides, ratios ours / official, floor multiples and target verdicts."""
+def summarize(
+    runs: list[dict[str, Any]], official_batches: list[int], ours_variants: list[str] = ()
+) -> list[dict[str, Any]]:
+    """One summary per (work, threads): sides, ratios of each of our sides / each official side (keyed
+    ``[ours side][official side]``), floor multiples and target verdicts."""
     configs = []
     for work, threads in dict.fromkeys((r["work"], r["threads"]) for r in runs):
         mine = [r for r in runs if r["work"] == work and r["threads"] == threads]
         sides = {
             name: summarize_side([r for r in mine if r["name"] == name])
-            for name in side_names(official_batches)
+            for name in side_names(official_batches, ours_variants)
             if name != "floor"
         }
         floor = summarize_floor([r for r in mine if r["name"] == "floor"])
@@ -491,63 +514,65 @@ def summarize(runs: list[dict[str, Any]], official_batches: list[int]) -> list[d
             "uptime": [r["uptime_before"] for r in mine],
             "failed": [f"{r['name']} pair {r['pair']}: {r['status']}" for r in mine if r.get("status") != "ok"],
         }  # fmt: skip
-        ours = sides.get("ours")
-        officials = {n: s for n, s in sides.items() if n != "ours" and s is not None}
-        if ours is not None:
-            for name, side in officials.items():
-                config["ratios"][name] = compare(ours, side)
-                config["mismatches"][name] = mismatches(ours, side)
-            fastest = min(officials, key=lambda n: officials[n]["wall_s"], default=None)
-            config["official_fastest"] = fastest
-            if floor is not None:
+        ours_sides = {n: s for n, s in sides.items() if is_ours(n) and s is not None}
+        officials = {n: s for n, s in sides.items() if not is_ours(n) and s is not None}
+        config["official_fastest"] = min(officials, key=lambda n: officials[n]["wall_s"], default=None)
+        for ours_name, ours in ours_sides.items():
+            config["ratios"][ours_name] = {name: compare(ours, side) for name, side in officials.items()}
+            config["mismatches"][ours_name] = {name: mismatches(ours, side) for name, side in officials.items()}
+        if floor is not None:
+            config["floor_multiple"] = {"sides": {}, "official": {}}
+            for ours_name, ours in ours_sides.items():
                 wall_pairs = pair_ratios(ours["per_pair_wall_s"], floor["per_pair_s"])
                 cpu_pairs = pair_ratios(ours["per_pair_cpu_s"], floor["per_pair_cpu_s"])
-                config["floor_multiple"] = {
-                    "ours": _median(wall_pairs), "ours_pairs": wall_pairs,
-                    "ours_cpu": _median(cpu_pairs), "ours_cpu_pairs": cpu_pairs,
+                config["floor_multiple"]["sides"][ours_name] = {
+                    "wall": _median(wall_pairs), "pairs": wall_pairs,
+                    "cpu": _median(cpu_pairs), "cpu_pairs": cpu_pairs,
                 }  # fmt: skip
-                for name, side in officials.items():
-                    at_batch = floor["per_pair_s_by_batch"].get(name.removeprefix("official_b"), {})
-                    config["floor_multiple"][name] = _median(pair_ratios(side["per_pair_wall_s"], at_batch))
-            config["targets"] = targets(config)
+            for name, side in officials.items():
+                at_batch = floor["per_pair_s_by_batch"].get(name.removeprefix("official_b"), {})
+                config["floor_multiple"]["official"][name] = _median(pair_ratios(side["per_pair_wall_s"], at_batch))
+        config["targets"] = targets(config)
         configs.append(config)
     return configs
 
 
-def _target(name: str, limit: float, wall: float | None, pairs: list[float], cpu: float | None,
+def _target(side: str, name: str, limit: float, wall: float | None, pairs: list[float], cpu: float | None,
             cpu_pairs: list[float]) -> dict[str, Any]:  # fmt: skip
     return {
-        "target": name, "limit": limit,
+        "side": side, "target": name, "limit": limit,
         "measured": wall, "pairs": pairs, "verdict": verdict(pairs, limit),
         "measured_cpu": cpu, "cpu_pairs": cpu_pairs, "verdict_cpu": verdict(cpu_pairs, limit),
     }  # fmt: skip
 
 
 def targets(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The project's speed and memory targets for this configuration: what was measured, in wall time and in
-    process CPU time, and whether every pair meets the target (``met``), none does (``not met``) or some do."""
-    ratios, shipped = config["ratios"], f"official_b{SHIPPED_BATCH}"
+    """The project's speed and memory targets for each of our sides in this configuration: what was measured,
+    in wall time and in process CPU time, and whether every pair meets the target (``met``), none does
+    (``not met``) or some do."""
+    shipped, fastest = f"official_b{SHIPPED_BATCH}", config.get("official_fastest")
     out = []
-    if shipped in ratios:
-        r = ratios[shipped]
-        out.append(_target(f"≥ {TARGET_SPEEDUP}× faster per epoch than the official script at its shipped batch",
-                           1 / TARGET_SPEEDUP, r["epoch"], r["pairs"], r["cpu"], r["cpu_pairs"]))  # fmt: skip
-    fastest = config.get("official_fastest")
-    if config["work"] == "flowgrpo" and fastest in ratios:
-        r = ratios[fastest]
-        out.append(_target(f"faster per epoch than the official script at its fastest batch ({fastest})", 1.0,
-                           r["epoch"], r["pairs"], r["cpu"], r["cpu_pairs"]))  # fmt: skip
-    if "floor_multiple" in config:
-        m = config["floor_multiple"]
-        out.append(_target(f"our epoch ≤ {TARGET_FLOOR_MULTIPLE}× the floor", TARGET_FLOOR_MULTIPLE, m["ours"],
-                           m["ours_pairs"], m["ours_cpu"], m["ours_cpu_pairs"]))  # fmt: skip
-    ours, official = config["sides"].get("ours"), config["sides"].get(shipped)
-    if ours and official:
-        met = ours["rss_max_mb"] <= official["rss_mb"]
-        out.append({"target": "peak RSS no higher than the official script's (shipped batch)", "limit": 1.0,
-                    "measured": _ratio(ours["rss_mb"], official["rss_mb"]), "pairs": [],
-                    "verdict": "met" if met else "not met", "measured_cpu": None, "cpu_pairs": [],
-                    "verdict_cpu": "–"})  # fmt: skip
+    for side, ratios in config["ratios"].items():
+        if shipped in ratios:
+            r = ratios[shipped]
+            out.append(_target(side, f"≥ {TARGET_SPEEDUP}× faster per epoch than the official script at its "
+                               "shipped batch", 1 / TARGET_SPEEDUP, r["epoch"], r["pairs"], r["cpu"],
+                               r["cpu_pairs"]))  # fmt: skip
+        if config["work"] == "flowgrpo" and fastest in ratios:
+            r = ratios[fastest]
+            out.append(_target(side, f"faster per epoch than the official script at its fastest batch ({fastest})",
+                               1.0, r["epoch"], r["pairs"], r["cpu"], r["cpu_pairs"]))  # fmt: skip
+        m = config.get("floor_multiple", {}).get("sides", {}).get(side)
+        if m is not None:
+            out.append(_target(side, f"our epoch ≤ {TARGET_FLOOR_MULTIPLE}× the floor", TARGET_FLOOR_MULTIPLE,
+                               m["wall"], m["pairs"], m["cpu"], m["cpu_pairs"]))  # fmt: skip
+        ours, official = config["sides"].get(side), config["sides"].get(shipped)
+        if ours and official:
+            met = ours["rss_max_mb"] <= official["rss_mb"]
+            out.append({"side": side, "target": "peak RSS no higher than the official script's (shipped batch)",
+                        "limit": 1.0, "measured": _ratio(ours["rss_mb"], official["rss_mb"]), "pairs": [],
+                        "verdict": "met" if met else "not met", "measured_cpu": None, "cpu_pairs": [],
+                        "verdict_cpu": "–"})  # fmt: skip
     return out
 
 
@@ -558,6 +583,13 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 def _range(values: list[float], digits: int = 2) -> str:
     return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "–"
+
+
+def variants_text(variants: list[str]) -> str:
+    """`` (and ours_x: …)`` naming the extra sides of ours, or nothing."""
+    if not variants:
+        return ""
+    return " (and " + "; ".join(f"ours_{v}: {OURS_VARIANTS[v]}" for v in variants) + ")"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -577,10 +609,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Work per epoch (the toy SD3 pipeline, 32 px, fp32, LoRA r 32): 4 prompts × 8 images, 10 SDE steps, "
         f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. "
         f"{s['pairs']} pairs per work and thread count; each pair runs "
-        f"ours, the official script at batch {' and '.join(str(b) for b in s['official_batches'])} "
+        f"ours{variants_text(s.get('ours_variants', []))}, the official script at batch {' and '.join(str(b) for b in s['official_batches'])} "
         f"(b{SHIPPED_BATCH} = shipped) and the floor, in a rotating order; {s['epochs']} epochs per run, epoch 0 "
-        f"not counted. Times are medians over the counted epochs of all pairs, in seconds per epoch; ranges are "
-        f"min–max over epochs (epoch) or over pairs (ratios).",
+        f"not counted (*epoch 0 s*: its median time, which includes compiling). Times are medians over the counted "
+        f"epochs of all pairs, in seconds per epoch; ranges are min–max over epochs (epoch) or over pairs (ratios).",
         "",
         "The official script's batch knobs that change speed but not the work: `sample.train_batch_size` (images "
         "per sampling batch), with `sample.num_batches_per_epoch` keeping 32 images per epoch; the script "
@@ -593,8 +625,8 @@ def markdown(result: dict[str, Any]) -> str:
         "other work.",
         "",
         "| work | threads | side | epochs | epoch s (range) | sampling | reward | training | other | CPU s | "
-        "peak RSS MB | forwards: sample / reward / train grad / train ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MB | epoch 0 s | forwards: sample / reward / train grad / train ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
         for name, side in c["sides"].items():
@@ -605,7 +637,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {c['work']} | {c['threads']} | {name} | {side['epochs']} | {_f(side['wall_s'])} "
                 f"({_f(side['wall_min_s'])}–{_f(side['wall_max_s'])}) | {_f(side['sampling_s'])} | "
                 f"{_f(side['reward_s'])} | {_f(side['training_s'])} | {_f(side['other_s'])} | "
-                f"{_f(side['wall_cpu_s'], 1)} | {side['rss_mb']:.0f} | "
+                f"{_f(side['wall_cpu_s'], 1)} | {side['rss_mb']:.0f} | {_f(side.get('warmup_s'), 1)} | "
                 + " / ".join(fw[p] for p in FORWARD_PHASES)
                 + " |"
             )
@@ -617,14 +649,14 @@ def markdown(result: dict[str, Any]) -> str:
         "other jobs on the machine disturb less than wall time (at 1 thread it is the time the epoch actually "
         "ran). Peak RSS: ratio of the medians over the runs.",
         "",
-        "| work | threads | against | epoch | pairs | faster? | sampling | reward | training | CPU | CPU pairs "
-        "| faster by CPU? | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| work | threads | side | against | epoch | pairs | faster? | sampling | reward | training | CPU | "
+        "CPU pairs | faster by CPU? | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
-        for name, r in c["ratios"].items():
+        for side, name, r in ((side, n, r) for side, rs in c["ratios"].items() for n, r in rs.items()):
             lines.append(
-                f"| {c['work']} | {c['threads']} | {name} | **{_f(r['epoch'])}** | {_range(r['pairs'])} | "
+                f"| {c['work']} | {c['threads']} | {side} | {name} | **{_f(r['epoch'])}** | {_range(r['pairs'])} | "
                 f"{r['faster']} | {_f(r['sampling'])} | {_f(r['reward'])} | {_f(r['training'])} | {_f(r['cpu'])} | "
                 f"{_range(r['cpu_pairs'])} | {r['faster_cpu']} | {_f(r['rss'])} |"
             )
@@ -632,11 +664,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "The floor: the bare transformer forwards and backwards one epoch needs at the batch sizes used (median "
         "call time × calls), timed in the same pairs with the same LoRA transformer (seconds: medians over the "
-        "pairs). *÷ floor*: the median over the pairs of the epoch time over that pair's floor, with their range.",
+        "pairs). *÷ floor*: the median over the pairs of the epoch time over that pair's floor (at the shipped "
+        "batch for our sides), with their range.",
         "",
         "| work | threads | batch | floor s | sampling fwd | train fwd+bwd | reference fwd | probe fwd | "
-        "ours ÷ floor (pairs) | official ÷ floor | floor CPU s | ours CPU ÷ floor CPU (pairs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "official ÷ floor | floor CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
         floor = c.get("floor")
@@ -650,29 +683,36 @@ def markdown(result: dict[str, Any]) -> str:
                     return "–"
                 return f"{ph[phase]['total_s']:.2f} ({ph[phase]['calls']}×{ph[phase]['rows']})"
 
-            multiple = c.get("floor_multiple", {})
-            ours_cell = ours_cpu_cell = "–"
-            if int(batch) == SHIPPED_BATCH and multiple.get("ours") is not None:
-                ours_cell = f"**{multiple['ours']:.2f}** ({_range(multiple['ours_pairs'])})"
-                ours_cpu_cell = f"{_f(multiple['ours_cpu'])} ({_range(multiple['ours_cpu_pairs'])})"
+            official = c.get("floor_multiple", {}).get("official", {})
             lines.append(
                 f"| {c['work']} | {c['threads']} | {batch} | {_f(fb['total_s'])} | {cell('sample')} | "
-                f"{cell('train_grad')} | {cell('train_nograd')} | {cell('reward')} | {ours_cell} | "
-                f"{_f(multiple.get(f'official_b{batch}'))} | {_f(fb.get('total_cpu_s'))} | {ours_cpu_cell} |"
+                f"{cell('train_grad')} | {cell('train_nograd')} | {cell('reward')} | "
+                f"{_f(official.get(f'official_b{batch}'))} | {_f(fb.get('total_cpu_s'))} |"
+            )
+    lines += [
+        "",
+        "| work | threads | side | ÷ floor (pairs) | CPU ÷ floor CPU (pairs) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        for side, m in c.get("floor_multiple", {}).get("sides", {}).items():
+            lines.append(
+                f"| {c['work']} | {c['threads']} | {side} | **{_f(m['wall'])}** ({_range(m['pairs'])}) | "
+                f"{_f(m['cpu'])} ({_range(m['cpu_pairs'])}) |"
             )
     lines += [
         "",
         "Targets (ratios as above; *met* when every pair meets the target, *not met* when none does):",
         "",
-        "| work | threads | target | wall time (pairs) | verdict | CPU time (pairs) | verdict by CPU |",
-        "|---|---|---|---|---|---|---|",
+        "| work | threads | side | target | wall time (pairs) | verdict | CPU time (pairs) | verdict by CPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
         for t in c.get("targets", []):
             wall = _f(t["measured"]) + (f" ({_range(t['pairs'])})" if t["pairs"] else "")
             cpu = _f(t["measured_cpu"]) + (f" ({_range(t['cpu_pairs'])})" if t["cpu_pairs"] else "")
             lines.append(
-                f"| {c['work']} | {c['threads']} | {t['target']} | {wall} | {t['verdict']} | {cpu} | "
+                f"| {c['work']} | {c['threads']} | {t['side']} | {t['target']} | {wall} | {t['verdict']} | {cpu} | "
                 f"{t['verdict_cpu']} |"
             )
     lines += ["", "Machine load: the 1-minute load average (`uptime`) before each run, 2 cores:", ""]
@@ -685,10 +725,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Measured work differences (forwards, optimizer steps, decoded images):", ""]
     any_mismatch = False
     for c in result["configs"]:
-        for name, items in c["mismatches"].items():
-            for item in items:
-                any_mismatch = True
-                lines.append(f"- {c['work']}, {c['threads']} thread(s), vs {name}: {item}")
+        for side, by_official in c["mismatches"].items():
+            for name, items in by_official.items():
+                for item in items:
+                    any_mismatch = True
+                    lines.append(f"- {c['work']}, {c['threads']} thread(s), {side} vs {name}: {item}")
         for item in c.get("failed", []):
             lines.append(f"- {c['work']}, {c['threads']} thread(s): run failed: {item}")
     if not any_mismatch:
@@ -968,6 +1009,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--official-batches", type=int, nargs="+", default=[SHIPPED_BATCH, 16],
         help="the official script's batch settings (images per batch); 8 is the shipped one",
     )  # fmt: skip
+    parser.add_argument(
+        "--ours-variants", nargs="*", choices=sorted(OURS_VARIANTS), default=[],
+        help="extra sides of ours in every pair, same work: b16 (micro-batches of 16), compiled (torch_compile)",
+    )  # fmt: skip
     parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help="../shared/perf_vs_official")
     parser.add_argument(
         "--mirror-root", type=Path, default=Path(os.environ["MIRROR_ROOT"]) if os.environ.get("MIRROR_ROOT") else None,
@@ -1004,8 +1049,8 @@ def build_result(args: argparse.Namespace, runs: list[dict[str, Any]], commits: 
     return {
         "date": date, "command": command, "nproc": nproc, "commits": commits,
         "settings": {"quick": args.quick, "pairs": args.pairs, "epochs": args.epochs, "threads": args.threads,
-                     "official_batches": args.official_batches},
-        "configs": summarize(runs, args.official_batches),
+                     "official_batches": args.official_batches, "ours_variants": args.ours_variants},
+        "configs": summarize(runs, args.official_batches, args.ours_variants),
         "runs": runs,
     }  # fmt: skip
 
@@ -1036,6 +1081,7 @@ def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[
     args.pairs, args.epochs = offset, first["settings"]["epochs"]
     args.threads, args.official_batches = first["settings"]["threads"], first["settings"]["official_batches"]
     args.quick = first["settings"]["quick"]
+    args.ours_variants = list(dict.fromkeys(v for raw in raws for v in raw["settings"].get("ours_variants", [])))
     dates = sorted({raw["date"] for raw in raws})
     commands = list(
         dict.fromkeys(
