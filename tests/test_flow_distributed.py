@@ -21,11 +21,14 @@ SCRIPT = Path(__file__).parent / "scripts" / "flow_two_process.py"
 
 @pytest.mark.multiprocess
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("compile_backend", [None, "eager"], ids=["eager", "torch_compile"])
+def test_two_processes_match_one_process(tmp_path, compile_backend):
+    # With `torch_compile`, each process compiles its transformer in place inside the DDP wrapper: the
+    # gradients are still averaged over the processes.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         "torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-        str(tmp_path / "two"), str(tmp_path / "results"),
+        str(tmp_path / "two"), str(tmp_path / "results"), *([compile_backend] if compile_backend else []),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,7 +58,18 @@ def test_two_processes_match_one_process(tmp_path):
     written = set(logs[0]["written"])
     assert "checkpoint-1/trainer_state.json" in written
     assert any(path.startswith("samples/") for path in written)
-    assert (tmp_path / "two" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+    # The update: the trained adapter of the two processes is that of the single process (gradients averaged).
+    two, one = (
+        load_file(tmp_path / run / "checkpoint-1" / "pytorch_lora_weights.safetensors")
+        for run in ("two", "one")
+    )
+    assert two.keys() == one.keys()
+    start = make_trainer(str(tmp_path / "start"), per_device_train_batch_size=4)
+    initial = {n: p for n, p in start.model.named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in one.items() if "lora_B" in k)  # it moved
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in initial.values())  # from zero
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-7)
 
 
 def _args(tmp_path, **overrides):

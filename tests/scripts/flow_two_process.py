@@ -2,7 +2,8 @@
 ``<results>/rank<i>.safetensors`` with what it sampled and the advantages it trained on, and
 ``<results>/rank<i>.json`` with the files it opened for writing under the trainer's output directory.
 
-Usage: ``torchrun --nproc_per_node 2 <this> OUTPUT_DIR RESULTS_DIR``.
+Usage: ``torchrun --nproc_per_node 2 <this> OUTPUT_DIR RESULTS_DIR [COMPILE_BACKEND]``; with a backend, the
+trainer runs with ``torch_compile=True`` and that backend.
 """
 
 import json
@@ -30,10 +31,11 @@ latent_mean.requires_images = False
 
 
 def make_trainer(output_dir: str, per_device_train_batch_size: int, **overrides) -> FlowGRPOTrainer:
+    """One optimizer step with plain SGD, whose update is proportional to the (averaged) gradient."""
     values = dict(
         output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", seed=1, disable_tqdm=True,
         per_device_train_batch_size=per_device_train_batch_size, num_generations=4, max_steps=1,
-        resolution=32, num_inference_steps=3, guidance_scale=1.0, beta=0.0, learning_rate=1e-3,
+        resolution=32, num_inference_steps=3, guidance_scale=1.0, beta=0.0, optim="sgd", learning_rate=1.0,
         logging_steps=1, save_strategy="steps", save_steps=1, log_completions=True,
     )  # fmt: skip
     values.update(overrides)
@@ -60,7 +62,7 @@ def record_rollouts(trainer: FlowGRPOTrainer) -> list[dict]:
     return records
 
 
-def main(output_dir: str, results_dir: str) -> None:
+def main(output_dir: str, results_dir: str, compile_backend: str | None = None) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     written = []
@@ -79,7 +81,8 @@ def main(output_dir: str, results_dir: str) -> None:
             written.append(os.path.relpath(path, root))
 
     sys.addaudithook(audit)
-    trainer = make_trainer(output_dir, per_device_train_batch_size=2)
+    compiled = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
+    trainer = make_trainer(output_dir, per_device_train_batch_size=2, **compiled)
     records = record_rollouts(trainer)
     trainer.train()
     (record,) = records
@@ -97,7 +100,7 @@ def main(output_dir: str, results_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
     # Every file is written: leave without interpreter teardown, where torch's background threads
     # occasionally abort a rank ("terminate called without an active exception") after a clean run.
     PartialState().wait_for_everyone()
