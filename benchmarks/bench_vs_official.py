@@ -1079,7 +1079,8 @@ def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[
         runs += [{**run, "pair": run["pair"] + offset} for run in raw["runs"]]
         offset += raw["settings"]["pairs"]
     args.pairs, args.epochs = offset, first["settings"]["epochs"]
-    args.threads, args.official_batches = first["settings"]["threads"], first["settings"]["official_batches"]
+    args.threads = sorted({t for raw in raws for t in raw["settings"]["threads"]})
+    args.official_batches = first["settings"]["official_batches"]
     args.quick = first["settings"]["quick"]
     args.ours_variants = list(dict.fromkeys(v for raw in raws for v in raw["settings"].get("ours_variants", [])))
     dates = sorted({raw["date"] for raw in raws})

@@ -129,9 +129,13 @@ def test_learning_speed_records_the_trained_reward_with_fixed_draws_only_while_m
 
     class Trainer:  # evaluate() calls the reward as a trainer's evaluation does, at a later training step
         def evaluate(self):
-            recorder(["ab", "abc"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7})
+            recorder(
+                ["ab", "abc"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7}
+            )
 
-    assert recorder(["a"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7}) == [1.0]
+    assert recorder(
+        ["a"], None, sigmas=sigmas, train_sigmas=sigmas[:3], trainer_state={"global_step": 7}
+    ) == [1.0]
     assert recorder.measure(Trainer()) == [2.0, 3.0]
     assert seen[0][1] == {"global_step": 7} and torch.equal(seen[0][0], sigmas[:3])  # training: untouched
     assert seen[1][1] == {"global_step": 0} and torch.equal(seen[1][0], sigmas[1:-1:2])  # measuring: fixed
@@ -264,7 +268,9 @@ def test_vs_official_summary_ratios_verdicts_and_table():
         ("ours_compiled", "our epoch ≤ 1.3× the floor"): "met (2/2 pairs)",
         ("ours_compiled", "peak RSS no higher"): "not met",
     }
-    assert config["ratios"]["ours_compiled"]["official_b8"]["pairs"] == pytest.approx([4.0 / 12.0, 4.6 / 12.0])
+    assert config["ratios"]["ours_compiled"]["official_b8"]["pairs"] == pytest.approx(
+        [4.0 / 12.0, 4.6 / 12.0]
+    )
     mismatches = config["mismatches"]["ours"]
     assert "optimizer steps/epoch: ours [2] vs official [1]" in mismatches["official_b16"]
     assert "sample batching (same rows): ours 40×16 vs official 20×32" in mismatches["official_b16"]
@@ -282,7 +288,10 @@ def test_vs_official_summary_ratios_verdicts_and_table():
     assert "| flowgrpo | 1 | ours_compiled | 6 | 4.30 (4.00–4.60) |" in table
     assert "| flowgrpo | 1 | ours | **1.20** (1.20–1.20) |" in table
     assert "ours_compiled: `torch_compile=True`" in table
-    assert "| flowgrpo | 1 | ours_compiled | peak RSS no higher than the official script's (shipped batch) |" in table
+    assert (
+        "| flowgrpo | 1 | ours_compiled | peak RSS no higher than the official script's (shipped batch) |"
+        in table
+    )
 
 
 def test_vs_official_profile_categories():
@@ -335,3 +344,43 @@ def test_vs_official_savings_estimates_from_per_row_costs():
         "the": 0.0,
     }
     assert flowgrpo == pytest.approx(expected)
+
+
+def test_vs_official_merges_invocations_pairs_threads_and_variants():
+    bench, _ = _bench_vs_official()
+
+    def raw(threads, variants, date):
+        common = {
+            "work": "flowgrpo",
+            "threads": threads,
+            "status": "ok",
+            "uptime_before": "load average: 1.00",
+        }
+        runs = [
+            {
+                **common,
+                "pair": pair,
+                "name": name,
+                "max_rss_mb": 700.0,
+                "epochs": [_epoch(wall, 2.0, 3.0)] * 2,
+            }
+            for pair in range(2)
+            for name, wall in [("ours", 6.0), *((f"ours_{v}", 5.0) for v in variants), ("official_b8", 12.0)]
+        ]
+        settings = {"quick": False, "pairs": 2, "epochs": 3, "threads": [threads], "official_batches": [8],
+                    "ours_variants": variants}  # fmt: skip
+        return {"date": date, "command": f"python benchmarks/bench_vs_official.py --threads {threads}",
+                "nproc": 2, "commits": {"flowgrpo": "ac4c86e0"}, "settings": settings, "runs": runs}  # fmt: skip
+
+    args = bench.parse_args(["--from-raw", "a.json", "b.json"])
+    merged = bench.merge_results([raw(1, ["compiled"], "2026-01-01"), raw(2, [], "2026-01-02")], args)
+    assert merged["settings"]["threads"] == [1, 2] and merged["settings"]["ours_variants"] == ["compiled"]
+    assert merged["settings"]["pairs"] == 4 and merged["settings"]["invocations"] == 2
+    assert sorted({r["pair"] for r in merged["runs"] if r["threads"] == 2}) == [2, 3]  # numbered on
+    assert merged["date"] == "2026-01-01 and 2026-01-02"
+    assert merged["command"].count(" ; ") == 1
+    one, two = merged["configs"]
+    assert one["ratios"]["ours_compiled"]["official_b8"]["epoch"] == pytest.approx(5.0 / 12.0)
+    assert "ours_compiled" not in two["ratios"] and two["ratios"]["ours"]["official_b8"][
+        "epoch"
+    ] == pytest.approx(0.5)
