@@ -419,7 +419,7 @@ class FlowTrainingConfig(GRPOConfig):
             which is all `transformers.Trainer` would compile. The same numbers up to float rounding. The first
             calls of each kind (training, no-grad, adapters off, a new batch shape) pay the compilation: tens of
             seconds to minutes, less with a warm inductor cache. Worth it for long runs; the speed-up on a CPU is
-            measured in `docs/benchmarks.md`.
+            measured in `docs/benchmarks.md`. Tested in one process and under DDP, not under DeepSpeed or FSDP.
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
