@@ -182,6 +182,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, scratch: Path):
         self.args, self.scratch = args, scratch
         self.env = subprocess_env(ROOT)
+        self.env.update(dict(item.split("=", 1) for item in args.env))  # --env: every side, the same
         self.pipe = scratch / "toy_pipe"
         self.dataset = scratch / "dataset"
         self.snapshots: dict[str, tuple[Path, str]] = {}
@@ -305,7 +306,12 @@ def uptime() -> str:
 
 
 def side_names(official_batches: list[int], ours_variants: list[str] = ()) -> list[str]:
-    return ["ours", *(f"ours_{v}" for v in ours_variants), *(f"official_b{b}" for b in official_batches), "floor"]
+    return [
+        "ours",
+        *(f"ours_{v}" for v in ours_variants),
+        *(f"official_b{b}" for b in official_batches),
+        "floor",
+    ]
 
 
 def is_ours(name: str) -> bool:
@@ -519,7 +525,9 @@ def summarize(
         config["official_fastest"] = min(officials, key=lambda n: officials[n]["wall_s"], default=None)
         for ours_name, ours in ours_sides.items():
             config["ratios"][ours_name] = {name: compare(ours, side) for name, side in officials.items()}
-            config["mismatches"][ours_name] = {name: mismatches(ours, side) for name, side in officials.items()}
+            config["mismatches"][ours_name] = {
+                name: mismatches(ours, side) for name, side in officials.items()
+            }
         if floor is not None:
             config["floor_multiple"] = {"sides": {}, "official": {}}
             for ours_name, ours in ours_sides.items():
@@ -531,7 +539,9 @@ def summarize(
                 }  # fmt: skip
             for name, side in officials.items():
                 at_batch = floor["per_pair_s_by_batch"].get(name.removeprefix("official_b"), {})
-                config["floor_multiple"]["official"][name] = _median(pair_ratios(side["per_pair_wall_s"], at_batch))
+                config["floor_multiple"]["official"][name] = _median(
+                    pair_ratios(side["per_pair_wall_s"], at_batch)
+                )
         config["targets"] = targets(config)
         configs.append(config)
     return configs
@@ -604,7 +614,12 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(
             f"`{OFFICIAL[w][2]}` `{OFFICIAL[w][1]}` at `{c[:7]}`" for w, c in result["commits"].items()
         )
-        + ", run unmodified by `../shared/perf_vs_official/flowgrpo_baseline`.",
+        + ", run unmodified by `../shared/perf_vs_official/flowgrpo_baseline`."
+        + (
+            f" Every measured process, ours and official, ran with `{' '.join(s['env'])}`."
+            if s.get("env")
+            else ""
+        ),
         "",
         f"Work per epoch (the toy SD3 pipeline, 32 px, fp32, LoRA r 32): 4 prompts × 8 images, 10 SDE steps, "
         f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. "
@@ -1013,6 +1028,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ours-variants", nargs="*", choices=sorted(OURS_VARIANTS), default=[],
         help="extra sides of ours in every pair, same work: b16 (micro-batches of 16), compiled (torch_compile)",
     )  # fmt: skip
+    parser.add_argument(
+        "--env", nargs="+", default=[], metavar="KEY=VALUE",
+        help="environment variables of every measured process, ours and official alike (e.g. allocator settings)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", default="vs_official", help="results file name (benchmarks/results/NAME.{json,md})"
+    )
     parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help="../shared/perf_vs_official")
     parser.add_argument(
         "--mirror-root", type=Path, default=Path(os.environ["MIRROR_ROOT"]) if os.environ.get("MIRROR_ROOT") else None,
@@ -1039,6 +1061,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.epochs, args.threads = 1, 2, args.threads[:1]
+    if any("=" not in item or not item.split("=", 1)[0] for item in args.env):
+        parser.error(f"--env takes KEY=VALUE items, got {args.env}")
     if SHIPPED_BATCH not in args.official_batches:
         parser.error(f"--official-batches must include the shipped batch {SHIPPED_BATCH}")
     return args
@@ -1049,7 +1073,8 @@ def build_result(args: argparse.Namespace, runs: list[dict[str, Any]], commits: 
     return {
         "date": date, "command": command, "nproc": nproc, "commits": commits,
         "settings": {"quick": args.quick, "pairs": args.pairs, "epochs": args.epochs, "threads": args.threads,
-                     "official_batches": args.official_batches, "ours_variants": args.ours_variants},
+                     "official_batches": args.official_batches, "ours_variants": args.ours_variants,
+                     "env": args.env},
         "configs": summarize(runs, args.official_batches, args.ours_variants),
         "runs": runs,
     }  # fmt: skip
@@ -1076,13 +1101,17 @@ def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[
     for raw in raws:
         if raw["commits"] != first["commits"] or raw["settings"]["epochs"] != first["settings"]["epochs"]:
             raise SystemExit("bench_vs_official: --from-raw files must share the official commits and epochs")
+        if raw["settings"].get("env", []) != first["settings"].get("env", []):
+            raise SystemExit("bench_vs_official: --from-raw files must share their --env settings")
         runs += [{**run, "pair": run["pair"] + offset} for run in raw["runs"]]
         offset += raw["settings"]["pairs"]
     args.pairs, args.epochs = offset, first["settings"]["epochs"]
     args.threads = sorted({t for raw in raws for t in raw["settings"]["threads"]})
     args.official_batches = first["settings"]["official_batches"]
-    args.quick = first["settings"]["quick"]
-    args.ours_variants = list(dict.fromkeys(v for raw in raws for v in raw["settings"].get("ours_variants", [])))
+    args.quick, args.env = first["settings"]["quick"], first["settings"].get("env", [])
+    args.ours_variants = list(
+        dict.fromkeys(v for raw in raws for v in raw["settings"].get("ours_variants", []))
+    )
     dates = sorted({raw["date"] for raw in raws})
     commands = list(
         dict.fromkeys(
@@ -1109,7 +1138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     date = datetime.date.today().isoformat()
     if args.from_raw is not None:
         result = merge_results([json.loads(path.read_text()) for path in args.from_raw], args)
-        name = "vs_official" + ("_quick" if args.quick else "")
+        name = args.name + ("_quick" if args.quick else "")
         write_results(name, result, markdown(result), args.output_dir)
         print(markdown(result))
         return result
@@ -1128,7 +1157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     runs = run_pairs(runner, works, args.threads, args.pairs)
     result = build_result(args, runs, commits, command, date, os.cpu_count() or 0)
-    name = "vs_official" + ("_quick" if args.quick else "")
+    name = args.name + ("_quick" if args.quick else "")
     write_results(name, result, markdown(result), args.output_dir)
     print(markdown(result))
     return result
