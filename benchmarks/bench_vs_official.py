@@ -22,6 +22,11 @@ medians over the counted epochs of every pair, per phase (sampling, reward, trai
 with CPU seconds, peak RSS and transformer forwards; ratios ours / official from the same pairs (the median
 over all epochs, and the range of the per-pair ratios); our epoch as a multiple of the floor. Writes
 ``benchmarks/results/vs_official.{json,md}`` (``vs_official_profile.*`` with ``--profile``).
+
+``--ours-variants`` adds sides of ours with other settings for the same work, measured in the same pairs
+against the same targets: ``b16`` (micro-batches of 16 images), ``compiled`` (``torch_compile=True``) and
+``b16_compiled``. ``--env KEY=VALUE …`` sets environment variables of every measured process, ours and
+official alike (allocator settings, for instance), and ``--name`` names the results file.
 """
 
 from __future__ import annotations
