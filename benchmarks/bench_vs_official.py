@@ -521,7 +521,8 @@ def summarize(
         }
         floor = summarize_floor([r for r in mine if r["name"] == "floor"])
         config: dict[str, Any] = {
-            "work": work, "threads": threads, "sides": sides, "floor": floor, "ratios": {}, "mismatches": {},
+            "work": work, "threads": threads, "pairs": len({r["pair"] for r in mine}), "sides": sides, "floor": floor,
+            "ratios": {}, "mismatches": {},
             "uptime": [r["uptime_before"] for r in mine],
             "failed": [f"{r['name']} pair {r['pair']}: {r['status']}" for r in mine if r.get("status") != "ok"],
         }  # fmt: skip
@@ -600,6 +601,11 @@ def _range(values: list[float], digits: int = 2) -> str:
     return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "–"
 
 
+def _pair_counts(configs: list[dict[str, Any]]) -> str:
+    counts = sorted({c.get("pairs", 0) for c in configs})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
 def variants_text(variants: list[str]) -> str:
     """`` (and ours_x: …)`` naming the extra sides of ours, or nothing."""
     if not variants:
@@ -628,7 +634,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Work per epoch (the toy SD3 pipeline, 32 px, fp32, LoRA r 32): 4 prompts × 8 images, 10 SDE steps, "
         f"CFG 4.5, β 0.04; Flow-GRPO trains 9 steps, SOLACE 5 steps with K = 8 antithetic probes. "
-        f"{s['pairs']} pairs per work and thread count; each pair runs "
+        f"{_pair_counts(result['configs'])} pairs per work and thread count; each pair runs "
         f"ours{variants_text(s.get('ours_variants', []))}, the official script at batch {' and '.join(str(b) for b in s['official_batches'])} "
         f"(b{SHIPPED_BATCH} = shipped) and the floor, in a rotating order; {s['epochs']} epochs per run, epoch 0 "
         f"not counted (*epoch 0 s*: its median time, which includes compiling). Times are medians over the counted "
@@ -1099,13 +1105,26 @@ def _without_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def keep_work(raw: dict[str, Any], work: str) -> dict[str, Any]:
+    """A result file's runs of ``work`` only; its command says so."""
+    return {
+        **raw,
+        "runs": [run for run in raw["runs"] if run["work"] == work],
+        "commits": {w: c for w, c in raw["commits"].items() if w == work},
+        "command": " ; ".join(f"{c} [{work} runs kept]" for c in raw["command"].split(" ; ")),
+    }
+
+
 def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """One result from the runs of several result files with the same settings (their pairs numbered on)."""
     first = raws[0]
-    runs, offset = [], 0
+    runs, offset, commits = [], 0, {}
     for raw in raws:
-        if raw["commits"] != first["commits"] or raw["settings"]["epochs"] != first["settings"]["epochs"]:
-            raise SystemExit("bench_vs_official: --from-raw files must share the official commits and epochs")
+        for work, commit in raw["commits"].items():
+            if commits.setdefault(work, commit) != commit:
+                raise SystemExit(f"bench_vs_official: --from-raw files ran different official {work} commits")
+        if raw["settings"]["epochs"] != first["settings"]["epochs"]:
+            raise SystemExit("bench_vs_official: --from-raw files must share their epochs per run")
         if raw["settings"].get("env", []) != first["settings"].get("env", []):
             raise SystemExit("bench_vs_official: --from-raw files must share their --env settings")
         runs += [{**run, "pair": run["pair"] + offset} for run in raw["runs"]]
@@ -1125,9 +1144,7 @@ def merge_results(raws: list[dict[str, Any]], args: argparse.Namespace) -> dict[
             for c in raw["command"].split(" ; ")
         )
     )
-    result = build_result(
-        args, runs, first["commits"], " ; ".join(commands), " and ".join(dates), first["nproc"]
-    )
+    result = build_result(args, runs, commits, " ; ".join(commands), " and ".join(dates), first["nproc"])
     result["settings"]["invocations"] = sum(raw["settings"].get("invocations", 1) for raw in raws)
     return result
 
@@ -1142,7 +1159,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         command = "MIRROR_ROOT=<fetched snapshots> " + command
     date = datetime.date.today().isoformat()
     if args.from_raw is not None:
-        result = merge_results([json.loads(path.read_text()) for path in args.from_raw], args)
+        raws = [json.loads(path.read_text()) for path in args.from_raw]
+        if args.work != "both":  # keep one work's runs of every file
+            raws = [keep_work(raw, args.work) for raw in raws]
+            raws = [raw for raw in raws if raw["runs"]]
+        result = merge_results(raws, args)
         name = args.name + ("_quick" if args.quick else "")
         write_results(name, result, markdown(result), args.output_dir)
         print(markdown(result))

@@ -384,3 +384,19 @@ def test_vs_official_merges_invocations_pairs_threads_and_variants():
     assert "ours_compiled" not in two["ratios"] and two["ratios"]["ours"]["official_b8"][
         "epoch"
     ] == pytest.approx(0.5)
+    assert "2 pairs per work and thread count" in bench.markdown(merged)
+
+    # One work's runs of a file (`--from-raw … --work solace`): the other work's are dropped, the command
+    # says so, and files that ran different works merge with the union of their official commits.
+    both = raw(2, [], "2026-01-03")
+    both["runs"] += [{**run, "work": "solace"} for run in both["runs"]]
+    both["commits"]["solace"] = "3c9b4e4"
+    kept = bench.keep_work(both, "solace")
+    assert {r["work"] for r in kept["runs"]} == {"solace"} and kept["commits"] == {"solace": "3c9b4e4"}
+    assert kept["command"].endswith("[solace runs kept]")
+    merged = bench.merge_results([kept, raw(1, [], "2026-01-02")], args)
+    assert merged["commits"] == {"solace": "3c9b4e4", "flowgrpo": "ac4c86e0"}
+    assert [(c["work"], c["threads"], c["pairs"]) for c in merged["configs"]] == [
+        ("solace", 2, 2),
+        ("flowgrpo", 1, 2),
+    ]
