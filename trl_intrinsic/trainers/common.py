@@ -637,10 +637,7 @@ class FlowTrainerBase(_BaseTrainer):
         self._eval_batches = 0  # batches sampled by the current `evaluate()` call
         self._buffered_inputs: list[dict] | None = None
         self._resume_checkpoint: str | None = None
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._logged_samples: dict[str, list] = {"prompt": [], "image": [], "reward": []}
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._collapse_reference: float | None = None  # latent texture of the first training rollout
@@ -649,11 +646,16 @@ class FlowTrainerBase(_BaseTrainer):
         self.add_callback(_StopOnCollapse(self))
         self._trainable = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         self._ema = self._init_ema() if args.ema else None
-        # In place, so that every call of the module runs compiled (rollouts, probes), not only `self.model`'s.
-        if args.torch_compile:
-            for module in (self.accelerator.unwrap_model(self.model), self.ref_transformer):
-                if module is not None:
-                    module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+        self._compile_transformers()
+
+    def _compile_transformers(self) -> None:
+        """With `torch_compile`, compile the transformer (and a frozen copy) in place, so that every call of it
+        runs compiled (rollouts, reference forwards, reward probes), not only the training forward."""
+        if not self.args.torch_compile:
+            return
+        for module in (self.accelerator.unwrap_model(self.model), self.ref_transformer):
+            if module is not None:
+                module.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
         # With `torch_compile`, the transformer is compiled in place after the Trainer is built; accelerate's
