@@ -60,12 +60,12 @@ PHASES = ("sampling", "reward", "training", "other")
 FORWARD_PHASES = ("sample", "reward", "train_grad", "train_nograd")
 TARGET_SPEEDUP = 1.5
 TARGET_FLOOR_MULTIPLE = 1.3
-OURS_VARIANTS = {  # extra sides of ours (``--ours-variants``): same work, other settings
-    "b16": "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
-    "`gradient_accumulation_steps=1`)",
-    "compiled": "`torch_compile=True` (the transformer compiled in place, inductor)",
-    "b16_compiled": "both",
-}
+OURS_VARIANTS = {  # extra sides of ours (``--ours-variants``), same work: (images per micro-batch, compiled, what)
+    "b16": (16, False, "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
+            "`gradient_accumulation_steps=1`)"),
+    "compiled": (SHIPPED_BATCH, True, "`torch_compile=True` (the transformer compiled in place, inductor)"),
+    "b16_compiled": (16, True, "both"),
+}  # fmt: skip
 KNOWN_DIFFERENCES = {
     "flowgrpo": [
         "CFG in training: both detach the unconditional half (ours: `cfg_uncond_gradient=False`, the default). "
@@ -227,13 +227,13 @@ class Runner:
     ) -> dict[str, Any]:
         """Our trainer; ``variant`` (see ``OURS_VARIANTS``) changes its batch or compiles the transformer."""
         out = self.scratch / f"{tag}.json"
-        batch = 16 if "b16" in variant else SHIPPED_BATCH
+        batch, compiled, _ = OURS_VARIANTS.get(variant, (SHIPPED_BATCH, False, ""))
         argv = [
             sys.executable, str(WORKER), "ours", "--work", work, "--pipe", str(self.pipe),
             "--prompts", str(self.dataset / "train.txt"), "--threads", str(threads),
             "--epochs", str(self.args.epochs), "--batch", str(batch), "--out", str(out),
         ]  # fmt: skip
-        if "compiled" in variant:
+        if compiled:
             argv.append("--compile")
         if pyspy is not None:
             argv += ["--pyspy", str(pyspy)]
@@ -274,8 +274,7 @@ class Runner:
             "startup_s": timing.get("startup_s"), "max_rss_mb": timing.get("max_rss_mb"),
             "loadavg_start": [round(x, 2) for x in timing.get("loadavg_start", [])],
             "loadavg_end": [round(x, 2) for x in timing.get("loadavg_end", [])],
-            "warmup_s": next((e["wall_s"] for e in official_epochs(timing, first_epoch=0)[:1]), None)
-            if "0" in timing.get("epochs", {}) else None,
+            "warmup_s": timing.get("epochs", {}).get("0", {}).get("epoch_wall_s"),
             "epochs": official_epochs(timing),
         }  # fmt: skip
 
@@ -610,7 +609,7 @@ def variants_text(variants: list[str]) -> str:
     """`` (and ours_x: …)`` naming the extra sides of ours, or nothing."""
     if not variants:
         return ""
-    return " (and " + "; ".join(f"ours_{v}: {OURS_VARIANTS[v]}" for v in variants) + ")"
+    return " (and " + "; ".join(f"ours_{v}: {OURS_VARIANTS[v][2]}" for v in variants) + ")"
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 def _probing_reward(prompts, images, velocity_fn=None, reference_velocity_fn=None, latents=None, **kwargs):
     """A reward that probes the policy and the reference, as SOLACE does; its value follows the probes."""
     sigma, rows = torch.full((latents.shape[0],), 0.5), torch.arange(latents.shape[0])
-    noisy = 0.5 * latents + 0.5 * torch.randn_like(latents, generator=None)
+    noisy = 0.5 * latents + 0.5 * torch.randn_like(latents)
     gap = (velocity_fn(noisy, sigma, rows) - reference_velocity_fn(noisy, sigma, rows)).flatten(1)
     brightness = [float(np.asarray(image, dtype=np.float32).mean() / 255) for image in images]
     return [b + 1e-3 * g for b, g in zip(brightness, gap.norm(dim=1).tolist())]
