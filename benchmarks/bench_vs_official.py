@@ -889,6 +889,13 @@ def savings_estimates(per_row_ms: dict[str, dict[str, float]]) -> list[dict[str,
     """Seconds per epoch that exact changes of how the transformer is called would save, per work, estimated
     from the measured per-row costs (ms) of ``_vs_official_worker.run_sweep`` and the forward counts of the
     work at the shipped batch (16 rows per CFG call, 64 per probe call). Negative: the change costs time.
+
+    Each change is measured against the trainer's default path: no-grad policy forwards with the LoRA folded
+    into the weights (sampling, SOLACE's probes); a training forward and backward over the 8 conditional rows
+    of a trained step; its unconditional half taken from the rollout until the epoch's first optimizer step,
+    and a no-grad call of its own after it; the reference over both halves (16 rows). ``status`` says whether
+    the change is ``"default"`` (its saving is then against the path without it), a ``"setting"`` a user
+    chooses, or ``"not built"``.
     """
     from _vs_official_worker import WORKS
 
@@ -908,38 +915,64 @@ def savings_estimates(per_row_ms: dict[str, dict[str, float]]) -> list[dict[str,
         sample_calls, rows = counts["sample"]
         train_calls, half = counts["train_grad"][0], rows // 2
         probe_calls, probe_rows = counts.get("reward", (0, 64))
-        reused = work.images // SHIPPED_BATCH // work.optimizer_steps * len(work.train_steps)
+        # Trained-step calls before the epoch's first optimizer step, and after it.
+        early = work.images // SHIPPED_BATCH // work.optimizer_steps * len(work.train_steps)
+        late = train_calls - early
         ref_rows = rows * len(work.train_steps)
-        changes = {
-            "cfg_uncond_gradient=False: the unconditional half of the training forward in a no-grad call, so "
-            "the backward covers half the rows": train_calls
-            * (rows * ms(fwd_bwd, rows) - half * ms(fwd_bwd, half) - half * ms(policy, half)),
-            "reuse the sampling forwards (run with grad at the trained steps) for the micro-batches trained "
-            "before the epoch's first optimizer step": reused * rows * ms(policy, rows),
-            "fold the LoRA into the weights for the no-grad policy forwards (sampling, SOLACE probes)": (
+        changes = [
+            (
+                "default",
+                "the unconditional CFG half out of the backward (`cfg_uncond_gradient=False`): the training "
+                "forward and backward cover the 8 conditional rows, the unconditional half is the rollout's "
+                "velocity before the first optimizer step and a no-grad call after it",
+                train_calls * (rows * ms(fwd_bwd, rows) - half * ms(fwd_bwd, half))
+                - late * half * ms(policy, half),
+            ),
+            (
+                "default",
+                "the LoRA folded into the weights for the no-grad policy forwards (sampling, SOLACE probes)",
                 sample_calls * rows * (ms(policy, rows) - ms(folded, rows))
-                + probe_calls * probe_rows * (ms(policy, probe_rows) - ms(folded, probe_rows))
+                + probe_calls * probe_rows * (ms(policy, probe_rows) - ms(folded, probe_rows)),
             ),
-            "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
-            "`gradient_accumulation_steps=1`; a setting today): 32 rows per CFG call": (
-                sample_calls * rows * (ms(policy, rows) - ms(policy, 2 * rows))
-                + train_calls * rows * (ms(fwd_bwd, rows) - ms(fwd_bwd, 2 * rows))
-                + train_calls * rows * (ms(reference, rows) - ms(reference, 2 * rows))
+            (
+                "setting",
+                "micro-batches of 16 images (`per_device_train_batch_size=16`, `steps_per_generation=2`, "
+                "`gradient_accumulation_steps=1`): twice the rows per call",
+                sample_calls * rows * (ms(folded, rows) - ms(folded, 2 * rows))
+                + train_calls * half * (ms(fwd_bwd, half) - ms(fwd_bwd, rows))
+                + late * half * (ms(policy, half) - ms(policy, rows))
+                + train_calls * rows * (ms(reference, rows) - ms(reference, 2 * rows)),
             ),
-            "sample the 32 images of an epoch in one rollout (64 rows per forward instead of 16)": (
-                sample_calls * rows * (ms(policy, rows) - ms(policy, 4 * rows))
+            (
+                "not built",
+                "reuse the sampling forwards before the epoch's first optimizer step: the conditional rows of "
+                "a trained step's sampling call run with grad and keep their graph for the backward, so "
+                "training does not run them again (their graphs stay alive until their backward)",
+                early * (rows * ms(folded, rows) - half * ms(folded, half)),
             ),
-            "the reference forwards of a micro-batch's trained steps in one call, adapters disabled once": (
-                train_calls * rows * (ms(reference, rows) - ms(reference, ref_rows))
+            (
+                "not built",
+                "sample the 32 images of an epoch in one rollout (64 rows per forward instead of 16)",
+                sample_calls * rows * (ms(folded, rows) - ms(folded, 4 * rows)),
             ),
-        }
+            (
+                "not built",
+                "the reference forwards of a micro-batch's trained steps in one call, adapters disabled once",
+                train_calls * rows * (ms(reference, rows) - ms(reference, ref_rows)),
+            ),
+        ]
         if probe_calls:
-            best = min((r for r in policy if int(r) >= 128), key=lambda r: policy[r], default=str(probe_rows))
-            changes[f"SOLACE probes in chunks of {best} rows instead of {probe_rows}"] = (
-                probe_calls * probe_rows * (ms(policy, probe_rows) - policy[best])
+            best = min((r for r in folded if int(r) >= 128), key=lambda r: folded[r], default=str(probe_rows))
+            changes.append(
+                (
+                    "setting",
+                    f"SOLACE probes in chunks of {best} rows instead of {probe_rows} (`max_batch_size`)",
+                    probe_calls * probe_rows * (ms(folded, probe_rows) - folded[best]),
+                )
             )
         out += [
-            {"work": name, "change": change, "saving_s": value / 1000} for change, value in changes.items()
+            {"work": name, "status": status, "change": change, "saving_s": value / 1000}
+            for status, change, value in changes
         ]
     return out
 
@@ -1009,14 +1042,16 @@ def profile_markdown(result: dict[str, Any]) -> str:
         works = list(dict.fromkeys(e["work"] for e in estimates))
         lines += [
             f"Estimated saving per epoch of exact changes at {threads} thread(s), from these per-row costs and the "
-            "work's forward counts (seconds; negative: slower):",
+            "work's forward counts (seconds; negative: slower). *default*: in the trainer's defaults, its saving "
+            "against the path without it; *setting*: a choice of the user; *not built*: against the defaults.",
             "",
-            "| change | " + " | ".join(works) + " |",
-            "|---|" + "---|" * len(works),
+            "| change | status | " + " | ".join(works) + " |",
+            "|---|---|" + "---|" * len(works),
         ]
         for change in dict.fromkeys(e["change"] for e in estimates):
+            status = next(e["status"] for e in estimates if e["change"] == change)
             cells = {e["work"]: f"{e['saving_s']:+.2f}" for e in estimates if e["change"] == change}
-            lines.append(f"| {change} | " + " | ".join(cells.get(w, "–") for w in works) + " |")
+            lines.append(f"| {change} | {status} | " + " | ".join(cells.get(w, "–") for w in works) + " |")
         lines.append("")
     return "\n".join(lines)
 
