@@ -1061,7 +1061,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", choices=("flowgrpo", "solace", "both"), default="both")
     parser.add_argument(
-        "--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one setting each"
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch threads, one setting each (default: 1 2); with --from-raw, keep the runs at these",
     )
     parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs per work and thread setting")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 0 is warm-up")
@@ -1104,6 +1108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 pair, 2 epochs, 1 thread: a smoke test")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go")
     args = parser.parse_args(argv)
+    args.threads_given = args.threads is not None
+    args.threads = args.threads or [1, 2]
     if args.quick:
         args.pairs, args.epochs, args.threads = 1, 2, args.threads[:1]
     if any("=" not in item or not item.split("=", 1)[0] for item in args.env):
@@ -1139,13 +1145,29 @@ def _without_paths(argv: list[str]) -> list[str]:
     return out
 
 
-def keep_work(raw: dict[str, Any], work: str) -> dict[str, Any]:
-    """A result file's runs of ``work`` only; its command says so."""
+def keep_runs(
+    raw: dict[str, Any], work: str | None = None, threads: list[int] | None = None
+) -> dict[str, Any]:
+    """A result file's runs of ``work`` and of the thread counts in ``threads`` only (``None``: all); its
+    command says so."""
+    kept = [
+        run
+        for run in raw["runs"]
+        if (work is None or run["work"] == work) and (threads is None or run["threads"] in threads)
+    ]
+    notes = ([f"{work} runs"] if work is not None else []) + (
+        [f"{'/'.join(map(str, threads))}-thread runs"] if threads is not None else []
+    )
+    note = f" [{', '.join(notes)} kept]" if notes else ""
     return {
         **raw,
-        "runs": [run for run in raw["runs"] if run["work"] == work],
-        "commits": {w: c for w, c in raw["commits"].items() if w == work},
-        "command": " ; ".join(f"{c} [{work} runs kept]" for c in raw["command"].split(" ; ")),
+        "runs": kept,
+        "commits": {w: c for w, c in raw["commits"].items() if work is None or w == work},
+        "settings": {
+            **raw["settings"],
+            "threads": [t for t in raw["settings"]["threads"] if threads is None or t in threads],
+        },
+        "command": " ; ".join(f"{c}{note}" for c in raw["command"].split(" ; ")),
     }
 
 
@@ -1194,8 +1216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     date = datetime.date.today().isoformat()
     if args.from_raw is not None:
         raws = [json.loads(path.read_text()) for path in args.from_raw]
-        if args.work != "both":  # keep one work's runs of every file
-            raws = [keep_work(raw, args.work) for raw in raws]
+        if args.work != "both" or args.threads_given:  # keep one work's or some threads' runs of every file
+            work = None if args.work == "both" else args.work
+            raws = [keep_runs(raw, work, args.threads if args.threads_given else None) for raw in raws]
             raws = [raw for raw in raws if raw["runs"]]
         result = merge_results(raws, args)
         name = args.name + ("_quick" if args.quick else "")

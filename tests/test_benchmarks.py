@@ -396,7 +396,7 @@ def test_vs_official_merges_invocations_pairs_threads_and_variants():
     both = raw(2, [], "2026-01-03")
     both["runs"] += [{**run, "work": "solace"} for run in both["runs"]]
     both["commits"]["solace"] = "3c9b4e4"
-    kept = bench.keep_work(both, "solace")
+    kept = bench.keep_runs(both, "solace")
     assert {r["work"] for r in kept["runs"]} == {"solace"} and kept["commits"] == {"solace": "3c9b4e4"}
     assert kept["command"].endswith("[solace runs kept]")
     merged = bench.merge_results([kept, raw(1, [], "2026-01-02")], args)
@@ -405,3 +405,15 @@ def test_vs_official_merges_invocations_pairs_threads_and_variants():
         ("solace", 2, 2),
         ("flowgrpo", 1, 2),
     ]
+
+    # Some thread counts' runs of a file (`--from-raw … --threads 2`): a 1-thread re-run can replace the
+    # 1-thread runs of an earlier file while its 2-thread runs stay.
+    args = bench.parse_args(["--from-raw", "a.json", "b.json", "--threads", "2"])
+    assert args.threads_given and args.threads == [2]
+    assert not bench.parse_args(["--from-raw", "a.json"]).threads_given
+    older = bench.merge_results([raw(1, [], "2026-01-01"), raw(2, [], "2026-01-02")], args)
+    kept = bench.keep_runs(older, threads=[2])
+    assert {r["threads"] for r in kept["runs"]} == {2} and kept["settings"]["threads"] == [2]
+    assert all(c.endswith("[2-thread runs kept]") for c in kept["command"].split(" ; "))
+    merged = bench.merge_results([bench.keep_runs(raw(1, [], "2026-01-04"), threads=[1]), kept], args)
+    assert [(c["threads"], c["pairs"]) for c in merged["configs"]] == [(1, 2), (2, 2)]
