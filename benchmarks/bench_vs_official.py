@@ -4,6 +4,7 @@
     python benchmarks/bench_vs_official.py --quick                               # minutes; a smoke test
     python benchmarks/bench_vs_official.py --profile --work both                 # py-spy profile of our epochs
     python benchmarks/bench_vs_official.py --from-raw A.json B.json   # re-summarise (and merge) results
+    python benchmarks/bench_vs_official.py --from-raw A.json --threads 2   # keep the 2-thread runs of A
 
 The official side is the **unmodified** ``scripts/train_sd3.py`` of ``yifan123/flow_grpo`` (``--work
 flowgrpo``) and ``scripts/train_sd3_self.py`` of ``wookiekim/SOLACE`` (``--work solace``), run on CPU by the
@@ -1145,11 +1146,22 @@ def _without_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def _measured(command: str, work: str | None, threads: list[int] | None) -> bool:
+    """Whether the invocation ``command`` could have run a run of ``work`` at one of ``threads``."""
+    ran_threads = re.search(r"--threads((?: \d+)+)", command)
+    ran_work = re.search(r"--work (\S+)", command)
+    threads_ok = (
+        threads is None or not ran_threads or bool(set(map(int, ran_threads[1].split())) & set(threads))
+    )
+    work_ok = work is None or not ran_work or ran_work[1] in ("both", work)
+    return threads_ok and work_ok
+
+
 def keep_runs(
     raw: dict[str, Any], work: str | None = None, threads: list[int] | None = None
 ) -> dict[str, Any]:
     """A result file's runs of ``work`` and of the thread counts in ``threads`` only (``None``: all); its
-    command says so."""
+    command keeps the invocations that ran such runs, and says what was kept."""
     kept = [
         run
         for run in raw["runs"]
@@ -1159,6 +1171,7 @@ def keep_runs(
         [f"{'/'.join(map(str, threads))}-thread runs"] if threads is not None else []
     )
     note = f" [{', '.join(notes)} kept]" if notes else ""
+    commands = [c for c in raw["command"].split(" ; ") if _measured(c, work, threads)]
     return {
         **raw,
         "runs": kept,
@@ -1166,8 +1179,9 @@ def keep_runs(
         "settings": {
             **raw["settings"],
             "threads": [t for t in raw["settings"]["threads"] if threads is None or t in threads],
+            "invocations": len(commands),
         },
-        "command": " ; ".join(f"{c}{note}" for c in raw["command"].split(" ; ")),
+        "command": " ; ".join(f"{c}{note}" for c in commands),
     }
 
 
