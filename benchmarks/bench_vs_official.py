@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +311,7 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def side_names(official_batches: list[int], ours_variants: list[str] = ()) -> list[str]:
+def side_names(official_batches: list[int], ours_variants: Sequence[str] = ()) -> list[str]:
     return [
         "ours",
         *(f"ours_{v}" for v in ours_variants),
@@ -507,7 +508,7 @@ def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def summarize(
-    runs: list[dict[str, Any]], official_batches: list[int], ours_variants: list[str] = ()
+    runs: list[dict[str, Any]], official_batches: list[int], ours_variants: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """One summary per (work, threads): sides, ratios of each of our sides / each official side (keyed
     ``[ours side][official side]``), floor multiples and target verdicts."""

@@ -81,11 +81,10 @@ def test_torch_compile_runs_every_transformer_call_compiled_with_the_eager_numbe
     assert compiled.pipeline.transformer._compiled_call_impl is not None
 
     # The same training, up to float rounding, and the same saved adapter (no compile prefix in its keys).
+    compiled_params = dict(compiled.model.named_parameters())
     for name, param in eager.model.named_parameters():
         if "lora_" in name:
-            torch.testing.assert_close(
-                dict(compiled.model.named_parameters())[name], param, rtol=1e-4, atol=1e-5
-            )
+            torch.testing.assert_close(compiled_params[name], param, rtol=1e-4, atol=1e-5)
     assert any(
         (p.abs().max() > 0) for n, p in compiled.model.named_parameters() if "lora_B" in n
     )  # the adapter trained
